@@ -1,0 +1,354 @@
+//! The embedding database: a folder with `vectors.npy` (f32, `[n, dim]`, readable by numpy),
+//! `manifest.tsv` (path, class id, class name per row) and `meta.json` (model identity, input size,
+//! dimension). Written by streaming into a temporary folder that replaces the target at the end;
+//! read through a memory map so the vectors are never loaded twice.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub const VECTORS: &str = "vectors.npy";
+pub const MANIFEST: &str = "manifest.tsv";
+pub const META: &str = "meta.json";
+/// Header length of the npy files we write (a multiple of 64, so the data is aligned).
+const NPY_HEADER: usize = 128;
+
+/// What produced the vectors: a query must use the same.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Meta {
+    /// Model identity, e.g. `efficientnet-lite0-imagenet:57934424:pooled` or a run's id.
+    pub model: String,
+    /// Where the model came from (`pretrained` or a run folder), to re-create it for queries.
+    pub model_source: String,
+    /// Input side in pixels.
+    pub size: u32,
+    pub dim: usize,
+    pub count: usize,
+    /// Whether the vectors are L2-normalised.
+    pub normalized: bool,
+    /// The dataset the vectors came from.
+    pub data: String,
+    pub deeprank_version: String,
+}
+
+/// One row of the manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub class_id: String,
+    pub class_name: String,
+}
+
+fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    let mut h = Vec::with_capacity(NPY_HEADER);
+    h.extend_from_slice(b"\x93NUMPY\x01\x00");
+    let len = (NPY_HEADER - 10) as u16;
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(dict.as_bytes());
+    while h.len() < NPY_HEADER - 1 {
+        h.push(b' ');
+    }
+    h.push(b'\n');
+    h
+}
+
+/// Streams rows of f32 into a `.npy` file; the shape is written on [`NpyWriter::finish`].
+pub struct NpyWriter {
+    file: BufWriter<File>,
+    dim: usize,
+    rows: usize,
+}
+
+impl NpyWriter {
+    pub fn create(path: &Path, dim: usize) -> Result<Self> {
+        let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut file = BufWriter::with_capacity(1 << 20, f);
+        file.write_all(&npy_header(0, dim))?;
+        Ok(Self { file, dim, rows: 0 })
+    }
+
+    pub fn push(&mut self, row: &[f32]) -> Result<()> {
+        if row.len() != self.dim {
+            bail!("vector has {} values, expected {}", row.len(), self.dim);
+        }
+        for v in row {
+            self.file.write_all(&v.to_le_bytes())?;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<usize> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&npy_header(self.rows, self.dim))?;
+        self.file.flush()?;
+        self.file.get_ref().sync_all()?;
+        Ok(self.rows)
+    }
+}
+
+/// A memory-mapped `[rows, dim]` f32 npy file.
+pub struct NpyMap {
+    map: memmap2::Mmap,
+    offset: usize,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+impl NpyMap {
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the file is only read; deeprank replaces DB folders by rename, never in place.
+        let map = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let bad = || format!("{} is not a deeprank vectors file (f32 npy)", path.display());
+        if map.len() < 10 || &map[..6] != b"\x93NUMPY" {
+            bail!(bad());
+        }
+        let (hlen, start) = match map[6] {
+            1 => (u16::from_le_bytes([map[8], map[9]]) as usize, 10),
+            2 | 3 if map.len() >= 12 => (
+                u32::from_le_bytes([map[8], map[9], map[10], map[11]]) as usize,
+                12,
+            ),
+            _ => bail!(bad()),
+        };
+        let offset = start + hlen;
+        if map.len() < offset {
+            bail!(bad());
+        }
+        let header = std::str::from_utf8(&map[start..offset]).with_context(bad)?;
+        if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
+            bail!("{}: expected little-endian f32 in C order", bad());
+        }
+        let shape = header
+            .split("'shape':")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .with_context(bad)?;
+        let dims: Vec<usize> = shape
+            .trim()
+            .trim_start_matches('(')
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .with_context(bad)?;
+        let [rows, dim] = dims[..] else {
+            bail!("{}: expected a 2-d array", bad())
+        };
+        if map.len() != offset + rows * dim * 4 {
+            bail!(
+                "{} is truncated: header says {rows}x{dim} but the file has {} bytes",
+                path.display(),
+                map.len()
+            );
+        }
+        if offset % 4 != 0 {
+            bail!("{}: data is not 4-byte aligned", bad());
+        }
+        Ok(Self {
+            map,
+            offset,
+            rows,
+            dim,
+        })
+    }
+
+    /// All vectors, row-major.
+    pub fn data(&self) -> &[f32] {
+        let bytes = &self.map[self.offset..];
+        // SAFETY: the mapping is page-aligned and offset is a multiple of 4, so the f32 view is
+        // aligned; any bit pattern is a valid f32; the length was checked against the shape.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, self.rows * self.dim) }
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data()[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// Writes a DB folder: vectors streamed to a temporary sibling folder, moved in place on finish.
+pub struct DbWriter {
+    target: PathBuf,
+    tmp: PathBuf,
+    vectors: Option<NpyWriter>,
+    manifest: BufWriter<File>,
+    text: Option<BufWriter<File>>,
+    text_path: Option<PathBuf>,
+}
+
+fn clean_field(s: &str) -> String {
+    s.replace(['\t', '\n', '\r'], " ")
+}
+
+impl DbWriter {
+    /// Starts a DB at `target`. An existing DB there is replaced at the end; an existing folder that
+    /// is not a DB is refused.
+    pub fn create(target: &Path, dim: usize, text: Option<&Path>) -> Result<Self> {
+        if target.exists() && !target.join(META).is_file() {
+            let empty = target.is_dir() && std::fs::read_dir(target)?.next().is_none();
+            if !empty {
+                bail!(
+                    "{} exists and is not a deeprank DB: choose another --out, or remove it",
+                    target.display()
+                );
+            }
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "db".into());
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let vectors = NpyWriter::create(&tmp.join(VECTORS), dim)?;
+        let manifest = BufWriter::new(File::create(tmp.join(MANIFEST))?);
+        let (text, text_path) = match text {
+            Some(p) => {
+                let part = p.with_extension("part");
+                let f = File::create(&part)
+                    .with_context(|| format!("cannot create {}", part.display()))?;
+                (Some(BufWriter::new(f)), Some(p.to_path_buf()))
+            }
+            None => (None, None),
+        };
+        let mut w = Self {
+            target: target.to_path_buf(),
+            tmp,
+            vectors: Some(vectors),
+            manifest,
+            text,
+            text_path,
+        };
+        writeln!(w.manifest, "path\tclass_id\tclass_name")?;
+        Ok(w)
+    }
+
+    pub fn push(&mut self, entry: &Entry, vector: &[f32]) -> Result<()> {
+        self.vectors.as_mut().context("DB already finished")?.push(vector)?;
+        writeln!(
+            self.manifest,
+            "{}\t{}\t{}",
+            clean_field(&entry.path.to_string_lossy()),
+            clean_field(&entry.class_id),
+            clean_field(&entry.class_name)
+        )?;
+        if let Some(t) = &mut self.text {
+            write!(t, "{}", entry.path.display())?;
+            for v in vector {
+                write!(t, " {v}")?;
+            }
+            writeln!(t)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the metadata and moves the DB into place.
+    pub fn finish(mut self, mut meta: Meta) -> Result<PathBuf> {
+        let count = self.vectors.take().context("DB already finished")?.finish()?;
+        meta.count = count;
+        self.manifest.flush()?;
+        std::fs::write(self.tmp.join(META), serde_json::to_string_pretty(&meta)?)?;
+        if let (Some(mut t), Some(p)) = (self.text.take(), self.text_path.take()) {
+            t.flush()?;
+            drop(t);
+            std::fs::rename(p.with_extension("part"), &p)?;
+        }
+        if self.target.exists() {
+            std::fs::remove_dir_all(&self.target)
+                .with_context(|| format!("cannot replace {}", self.target.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.target)
+            .with_context(|| format!("cannot move the DB to {}", self.target.display()))?;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for DbWriter {
+    fn drop(&mut self) {
+        // Unfinished (error or interrupt): leave no half-written DB or text file behind.
+        if self.tmp.exists() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+        if let Some(p) = &self.text_path {
+            let _ = std::fs::remove_file(p.with_extension("part"));
+        }
+    }
+}
+
+/// An opened DB.
+pub struct Db {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub entries: Vec<Entry>,
+    pub vectors: NpyMap,
+}
+
+impl Db {
+    pub fn open(dir: &Path) -> Result<Db> {
+        if !dir.join(META).is_file() {
+            bail!(
+                "{} is not a deeprank DB (no {META}): create one with `deeprank embed --data DIR --out {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join(META))?)
+            .with_context(|| format!("{} is damaged", dir.join(META).display()))?;
+        let f = File::open(dir.join(MANIFEST))
+            .with_context(|| format!("cannot open {}", dir.join(MANIFEST).display()))?;
+        let mut entries = Vec::with_capacity(meta.count);
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line?;
+            if i == 0 {
+                continue;
+            }
+            let mut p = line.split('\t');
+            let (Some(path), Some(id), Some(name)) = (p.next(), p.next(), p.next()) else {
+                bail!("{} line {} is damaged", dir.join(MANIFEST).display(), i + 1);
+            };
+            entries.push(Entry {
+                path: PathBuf::from(path),
+                class_id: id.to_string(),
+                class_name: name.to_string(),
+            });
+        }
+        let vectors = NpyMap::open(&dir.join(VECTORS))?;
+        if vectors.rows != entries.len() || vectors.dim != meta.dim {
+            bail!(
+                "{} is inconsistent: {} vectors of dim {}, {} manifest rows, meta dim {}; re-run embed",
+                dir.display(),
+                vectors.rows,
+                vectors.dim,
+                entries.len(),
+                meta.dim
+            );
+        }
+        Ok(Db {
+            dir: dir.to_path_buf(),
+            meta,
+            entries,
+            vectors,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

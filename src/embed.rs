@@ -1,0 +1,304 @@
+//! Embedding: the network that maps an image to a vector, and the seed's "save embeddings" stage
+//! (embed every image of a dataset into a DB), batched, with parallel decoding overlapped with the
+//! network, streaming to disk.
+
+use crate::dataset::Dataset;
+use crate::db::{DbWriter, Entry, Meta};
+use crate::model::{FEATURE_DIM, Lite0};
+use crate::transform::{self, ImageError};
+use crate::weights;
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Which network produces the vectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// EfficientNet-Lite0 ImageNet weights, pooled 1280-d features.
+    Pretrained,
+}
+
+impl ModelSpec {
+    /// Parses `pretrained` (other sources come with trained runs).
+    pub fn parse(s: &str) -> Result<ModelSpec> {
+        match s {
+            "pretrained" => Ok(ModelSpec::Pretrained),
+            other => bail!(
+                "unknown --model {other:?}: use `pretrained` (trained run folders are not supported by this build)"
+            ),
+        }
+    }
+
+    pub fn source(&self) -> String {
+        match self {
+            ModelSpec::Pretrained => "pretrained".into(),
+        }
+    }
+}
+
+/// An image that could not be used, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The CPU device deeprank computes on.
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// A network ready to embed images of one input size.
+pub struct Embedder {
+    model: Lite0,
+    device: Device,
+    pub size: u32,
+    pub normalize: bool,
+    pub dim: usize,
+    /// Identity recorded in DBs; a DB is only queried with the same identity.
+    pub identity: String,
+    pub source: String,
+}
+
+impl Embedder {
+    /// The pretrained backbone (pooled features), weights from `weights` or the cache.
+    pub fn pretrained(weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
+        check_size(size)?;
+        let path = weights::resolve(weights_file)?;
+        let sha = weights::sha256_file(&path)?;
+        let device = cpu();
+        let model = weights::load_lite0(&path, &device)?;
+        Ok(Self {
+            model,
+            device,
+            size,
+            normalize,
+            dim: FEATURE_DIM,
+            identity: format!("efficientnet-lite0:{}:pooled", &sha[..12]),
+            source: ModelSpec::Pretrained.source(),
+        })
+    }
+
+    /// Builds the embedder a spec names.
+    pub fn from_spec(spec: &ModelSpec, weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
+        match spec {
+            ModelSpec::Pretrained => Self::pretrained(weights_file, size, normalize),
+        }
+    }
+
+    /// The underlying network (for classification checks).
+    pub fn network(&self) -> &Lite0 {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Input tensor `[n, 3, size, size]` from a flat CHW batch buffer.
+    pub fn input(&self, batch: Vec<f32>, n: usize) -> Tensor<4> {
+        let s = self.size as usize;
+        Tensor::from_data(TensorData::new(batch, [n, 3, s, s]), &self.device)
+    }
+
+    /// Embeds a batch of `n` normalised CHW images; returns `n × dim` values.
+    pub fn embed_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let x = self.input(batch, n);
+        let mut out: Vec<f32> = self
+            .model
+            .pooled(x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if self.normalize {
+            for row in out.chunks_exact_mut(self.dim) {
+                l2_normalize(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// ImageNet logits (`n × 1000`) of a batch of `n` normalised CHW images.
+    pub fn logits_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let x = self.input(batch, n);
+        self.model
+            .logits(x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    }
+
+    /// Embeds image files; failures are returned per path instead of stopping.
+    pub fn embed_files(&self, paths: &[PathBuf]) -> Result<(Vec<Option<Vec<f32>>>, Vec<Skipped>)> {
+        let (buf, ok, skipped) = decode_batch(paths, self.size);
+        let n = ok.iter().filter(|&&o| o).count();
+        let vecs = self.embed_batch(buf, n)?;
+        let mut it = vecs.chunks_exact(self.dim);
+        let out = ok
+            .iter()
+            .map(|&o| if o { it.next().map(|v| v.to_vec()) } else { None })
+            .collect();
+        Ok((out, skipped))
+    }
+}
+
+/// Input sides the network accepts (multiples of 32 keep every stride exact).
+pub fn check_size(size: u32) -> Result<()> {
+    if !(32..=1024).contains(&size) || size % 32 != 0 {
+        bail!("--size {size} is not supported: use a multiple of 32 between 32 and 1024 (e.g. 64, 128, 224)");
+    }
+    Ok(())
+}
+
+pub fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+/// Decodes images in parallel into one CHW buffer holding only the images that decoded.
+pub fn decode_batch(paths: &[PathBuf], size: u32) -> (Vec<f32>, Vec<bool>, Vec<Skipped>) {
+    let per = 3 * (size as usize) * (size as usize);
+    let results: Vec<Result<Vec<f32>, ImageError>> = paths
+        .par_iter()
+        .map(|p| {
+            let mut v = vec![0f32; per];
+            transform::load_tensor(p, size, &mut v).map(|_| v)
+        })
+        .collect();
+    let mut buf = Vec::with_capacity(per * paths.len());
+    let mut ok = Vec::with_capacity(paths.len());
+    let mut skipped = Vec::new();
+    for (p, r) in paths.iter().zip(results) {
+        match r {
+            Ok(v) => {
+                buf.extend_from_slice(&v);
+                ok.push(true);
+            }
+            Err(e) => {
+                skipped.push(Skipped {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                });
+                ok.push(false);
+            }
+        }
+    }
+    (buf, ok, skipped)
+}
+
+/// A progress bar with images/s, hidden when stderr is not a terminal.
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {per_sec:.1} img/s eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Embeds `paths` in batches (decoding batch i+1 while the network runs on batch i) and hands each
+/// vector to `sink(position, vector)` in order. Images that fail to decode are reported and skipped.
+pub fn embed_stream(
+    emb: &Embedder,
+    paths: &[PathBuf],
+    batch: usize,
+    label: &str,
+    mut sink: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<Vec<Skipped>> {
+    let batch = batch.max(1);
+    let pb = progress(paths.len(), label);
+    let chunks: Vec<&[PathBuf]> = paths.chunks(batch).collect();
+    let mut skipped = Vec::new();
+    let mut pending = chunks.first().map(|c| decode_batch(c, emb.size));
+    let mut base = 0;
+    for (ci, chunk) in chunks.iter().enumerate() {
+        let (buf, ok, sk) = pending.take().context("decoded batch")?;
+        let n = ok.iter().filter(|&&o| o).count();
+        let next = chunks.get(ci + 1);
+        let (vecs, next_dec) = rayon::join(
+            || emb.embed_batch(buf, n),
+            || next.map(|c| decode_batch(c, emb.size)),
+        );
+        pending = next_dec;
+        let vecs = vecs?;
+        for s in &sk {
+            pb.suspend(|| eprintln!("skipped {}: {}", s.path.display(), s.reason));
+        }
+        skipped.extend(sk);
+        let mut rows = vecs.chunks_exact(emb.dim);
+        for (j, o) in ok.into_iter().enumerate() {
+            if o {
+                sink(base + j, rows.next().context("missing vector")?)?;
+            }
+        }
+        base += chunk.len();
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(skipped)
+}
+
+/// What `embed` did.
+#[derive(Debug)]
+pub struct EmbedReport {
+    pub db: PathBuf,
+    pub count: usize,
+    pub skipped: Vec<Skipped>,
+    pub seconds: f64,
+}
+
+/// Embeds every image of `ds` into a DB at `out` (and the seed's text form at `text`).
+pub fn embed_dataset(
+    emb: &Embedder,
+    ds: &Dataset,
+    out: &Path,
+    text: Option<&Path>,
+    batch: usize,
+) -> Result<EmbedReport> {
+    let t0 = std::time::Instant::now();
+    let mut writer = DbWriter::create(out, emb.dim, text)?;
+    let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+    let mut count = 0;
+    let skipped = embed_stream(emb, &paths, batch, "embed", |i, v| {
+        let item = &ds.items[i];
+        let class = &ds.classes[item.class];
+        let entry = Entry {
+            path: item.path.clone(),
+            class_id: class.id.clone(),
+            class_name: class.name.clone(),
+        };
+        count += 1;
+        writer.push(&entry, v)
+    })?;
+    if count == 0 {
+        bail!("none of the {} images could be decoded; nothing written", ds.items.len());
+    }
+    let meta = Meta {
+        model: emb.identity.clone(),
+        model_source: emb.source.clone(),
+        size: emb.size,
+        dim: emb.dim,
+        count,
+        normalized: emb.normalize,
+        data: ds.root.display().to_string(),
+        deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let db = writer.finish(meta)?;
+    Ok(EmbedReport {
+        db,
+        count,
+        skipped,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

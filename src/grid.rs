@@ -1,0 +1,115 @@
+//! Result pictures like the seed's figures: the query, then its top N as thumbnails with rank,
+//! distance and class under each, framed green (same class as the query), red (different) or grey
+//! (unknown).
+
+use crate::query::QueryResult;
+use crate::transform;
+use anyhow::{Context, Result};
+use font8x8::legacy::BASIC_LEGACY;
+use image::{Rgb, RgbImage};
+use std::path::Path;
+
+const TILE: u32 = 128;
+const PAD: u32 = 8;
+const BORDER: u32 = 4;
+const CAPTION: u32 = 24;
+const COLS: u32 = 5;
+const BG: Rgb<u8> = Rgb([255, 255, 255]);
+const INK: Rgb<u8> = Rgb([20, 20, 20]);
+const SAME: Rgb<u8> = Rgb([30, 160, 60]);
+const DIFF: Rgb<u8> = Rgb([210, 40, 40]);
+const UNKNOWN: Rgb<u8> = Rgb([150, 150, 150]);
+const QUERY: Rgb<u8> = Rgb([40, 90, 220]);
+
+/// Draws ASCII text with the 8×8 bitmap font; characters outside ASCII print as '?'.
+pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, color: Rgb<u8>) {
+    for (i, ch) in text.chars().enumerate() {
+        let c = if ch.is_ascii() { ch as usize } else { b'?' as usize };
+        let glyph = BASIC_LEGACY[c];
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits >> col & 1 == 1 {
+                    let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
+                    if px < img.width() && py < img.height() {
+                        img.put_pixel(px, py, color);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fit(s: &str, chars: usize) -> String {
+    if s.chars().count() <= chars {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(chars.saturating_sub(1)).collect();
+        t.push('~');
+        t
+    }
+}
+
+fn tile(img: &mut RgbImage, x: u32, y: u32, path: &Path, frame: Rgb<u8>, lines: [&str; 2]) {
+    let inner = TILE - 2 * BORDER;
+    for dy in 0..TILE {
+        for dx in 0..TILE {
+            img.put_pixel(x + dx, y + dy, frame);
+        }
+    }
+    let thumb = transform::load_rgb(path)
+        .ok()
+        .and_then(|i| transform::resize_rgb(&i, inner).ok());
+    match thumb {
+        Some(t) => image::imageops::replace(img, &t, (x + BORDER) as i64, (y + BORDER) as i64),
+        None => draw_text(img, x + BORDER + 4, y + TILE / 2, "unreadable", BG),
+    }
+    let chars = (TILE / 8) as usize;
+    draw_text(img, x, y + TILE + 3, &fit(lines[0], chars), INK);
+    draw_text(img, x, y + TILE + 13, &fit(lines[1], chars), INK);
+}
+
+/// Renders one query and its results to an image.
+pub fn render(q: &QueryResult) -> RgbImage {
+    let cell_w = TILE + PAD;
+    let cell_h = TILE + CAPTION + PAD;
+    let rows = (q.results.len() as u32).div_ceil(COLS).max(1);
+    let width = PAD + cell_w * (COLS + 1) + PAD;
+    let height = PAD + 12 + cell_h * rows;
+    let mut img = RgbImage::from_pixel(width, height, BG);
+    draw_text(&mut img, PAD, PAD, "query", INK);
+    draw_text(&mut img, PAD + cell_w + PAD, PAD, &format!("top {} by Euclidean distance", q.results.len()), INK);
+    let y0 = PAD + 12;
+    let qname = q.class_id.clone().unwrap_or_else(|| "class unknown".into());
+    let qfile = q.image.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    tile(&mut img, PAD, y0, &q.image, QUERY, [&qfile, &qname]);
+    for (i, r) in q.results.iter().enumerate() {
+        let (col, row) = (i as u32 % COLS, i as u32 / COLS);
+        let x = PAD + cell_w * (col + 1) + PAD;
+        let y = y0 + cell_h * row;
+        let frame = match r.same_class {
+            Some(true) => SAME,
+            Some(false) => DIFF,
+            None => UNKNOWN,
+        };
+        let mark = match r.same_class {
+            Some(true) => "+",
+            Some(false) => "x",
+            None => "",
+        };
+        let l1 = format!("#{} d={:.3}{}", r.rank, r.distance, mark);
+        tile(&mut img, x, y, &r.path, frame, [&l1, &r.class_name]);
+    }
+    img
+}
+
+/// Writes the picture of one query to `out` (PNG).
+pub fn write(q: &QueryResult, out: &Path) -> Result<()> {
+    if let Some(p) = out.parent()
+        && !p.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+    }
+    render(q)
+        .save_with_format(out, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", out.display()))
+}

@@ -1,0 +1,17 @@
+//! deeprank: image similarity search with a triplet deep-ranking network.
+//!
+//! The data path, one module per stage: [`dataset`] → [`sampler`] → [`transform`] → [`model`]
+//! ([`weights`]) → [`embed`] → [`db`] / [`index`] → [`query`] / [`eval`] ([`grid`]) → [`demo`].
+
+pub mod dataset;
+pub mod db;
+pub mod demo;
+pub mod embed;
+pub mod eval;
+pub mod grid;
+pub mod index;
+pub mod model;
+pub mod query;
+pub mod sampler;
+pub mod transform;
+pub mod weights;

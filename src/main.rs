@@ -1,0 +1,326 @@
+//! The `deeprank` command line: parses arguments and calls the library.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use deeprank::dataset::{Dataset, Split};
+use deeprank::db::Db;
+use deeprank::embed::{Embedder, ModelSpec, embed_dataset};
+use deeprank::{demo, eval, grid, query, sampler, weights};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "deeprank", version, about = "Image similarity search with a triplet deep-ranking network")]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the whole pipeline on the bundled sample: weights, embed, eval, queries, grids, report.
+    Demo {
+        /// Dataset to use instead of the bundled sample (Tiny ImageNet root or class folders with train/ and val/).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "out/demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        /// Number of query images to show.
+        #[arg(long, default_value_t = 4)]
+        queries: usize,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Weights file instead of the fetched ImageNet weights.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Writes triplets (query,positive,negative) as the seed's sampler.py does.
+    Sample {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "triplets.txt")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        n_pos: usize,
+        #[arg(long, default_value_t = 1)]
+        n_neg: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Manages the ImageNet weights of EfficientNet-Lite0.
+    Weights {
+        #[command(subcommand)]
+        cmd: WeightsCmd,
+    },
+    /// Embeds every image of a dataset into a DB folder (vectors.npy, manifest.tsv, meta.json).
+    Embed {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// `pretrained` (ImageNet EfficientNet-Lite0, pooled 1280-d features).
+        #[arg(long, default_value = "pretrained")]
+        model: String,
+        /// Input side in pixels (multiple of 32).
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        /// Also write the seed's text form: one image per line, path then the values.
+        #[arg(long)]
+        text: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Keep raw features instead of L2-normalising them.
+        #[arg(long)]
+        no_normalize: bool,
+        /// Which split of a dataset root to embed.
+        #[arg(long, value_enum, default_value = "train")]
+        split: SplitArg,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Finds the images of a DB closest to query images.
+    Query {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long = "image", required = true, num_args = 1..)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Prints JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Draws the query and its results to this PNG (OUT-1.png, OUT-2.png, ... for several queries).
+        #[arg(long)]
+        grid: Option<PathBuf>,
+        /// Model to embed the queries with (must be the DB's; default: the DB's).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Precision@k, recall@k and MAP@R of a query set against a DB.
+    Eval {
+        #[arg(long)]
+        db: PathBuf,
+        /// Query images: a Tiny ImageNet root (its val/), a val folder, or class folders.
+        #[arg(long)]
+        queries: PathBuf,
+        #[arg(long, default_value = "1,10,30")]
+        k: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
+    Classify {
+        /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
+        #[arg(long)]
+        data: PathBuf,
+        /// The 1,000 ImageNet wnids in logit order.
+        #[arg(long)]
+        imagenet_wnids: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "val")]
+        split: SplitArg,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsCmd {
+    /// Downloads the weights with pip (if not cached), checks the sha256, prints the path.
+    Fetch,
+    /// Prints where the weights are (or would be) cached.
+    Path,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SplitArg {
+    Train,
+    Val,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Split {
+        match s {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+        }
+    }
+}
+
+fn report_ignored(ds: &Dataset) {
+    if !ds.ignored.is_empty() {
+        eprintln!(
+            "note: {} files without an image extension were ignored (first: {})",
+            ds.ignored.len(),
+            ds.ignored[0].display()
+        );
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot set up the thread pool")?;
+    }
+    match cli.cmd {
+        Cmd::Demo { data, out, size, queries, top, batch, weights } => {
+            demo::run(&demo::DemoOptions { data, out, size, queries, top, batch, weights })?;
+        }
+        Cmd::Sample { data, out, n_pos, n_neg, seed } => {
+            let t0 = std::time::Instant::now();
+            let ds = Dataset::open(&data, Split::Train)?;
+            report_ignored(&ds);
+            let s = sampler::sample(&ds, n_pos, n_neg, seed)?;
+            for &c in &s.small_classes {
+                eprintln!(
+                    "warning: class {} has fewer than two images: left out of sampling",
+                    ds.classes[c].id
+                );
+            }
+            sampler::write_triplets(&ds, &s.triplets, &out)?;
+            println!(
+                "wrote {} triplets ({} images, {} classes) to {} in {:.2}s",
+                s.triplets.len(),
+                ds.items.len(),
+                ds.classes.len() - s.small_classes.len(),
+                out.display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        Cmd::Weights { cmd: WeightsCmd::Fetch } => {
+            println!("{}", weights::fetch()?.display());
+        }
+        Cmd::Weights { cmd: WeightsCmd::Path } => {
+            println!("{}", weights::default_path().display());
+        }
+        Cmd::Embed { data, out, model, size, text, batch, no_normalize, split, weights } => {
+            let spec = ModelSpec::parse(&model)?;
+            let ds = Dataset::open(&data, split.into())?;
+            report_ignored(&ds);
+            eprintln!("{}", ds.summary());
+            let emb = Embedder::from_spec(&spec, weights.as_deref(), size, !no_normalize)?;
+            let rep = embed_dataset(&emb, &ds, &out, text.as_deref(), batch)?;
+            if !rep.skipped.is_empty() {
+                eprintln!("skipped {} unreadable images (listed above)", rep.skipped.len());
+            }
+            println!(
+                "embedded {} images ({} dims) in {:.1}s ({:.1} img/s) into {}",
+                rep.count,
+                emb.dim,
+                rep.seconds,
+                rep.count as f64 / rep.seconds,
+                rep.db.display()
+            );
+        }
+        Cmd::Query { db, images, top, json, grid: grid_out, model, weights } => {
+            let db = Db::open(&db)?;
+            let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+            let results = query::query(&db, &emb, &images, top)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                for q in &results {
+                    println!("query {} (class {})", q.image.display(), q.class_id.as_deref().unwrap_or("?"));
+                    println!("{:>4}  {:>8}  {:<12} path", "rank", "distance", "class");
+                    for r in &q.results {
+                        let mark = match r.same_class {
+                            Some(true) => "+",
+                            Some(false) => "-",
+                            None => " ",
+                        };
+                        println!(
+                            "{:>4}  {:>8.4}  {mark}{:<11} {}  ({})",
+                            r.rank,
+                            r.distance,
+                            r.class_id,
+                            r.path.display(),
+                            r.class_name
+                        );
+                    }
+                }
+            }
+            if let Some(g) = grid_out {
+                for (i, q) in results.iter().enumerate() {
+                    let path = if results.len() == 1 {
+                        g.clone()
+                    } else {
+                        let stem = g.file_stem().unwrap_or_default().to_string_lossy();
+                        g.with_file_name(format!("{stem}-{}.png", i + 1))
+                    };
+                    grid::write(q, &path)?;
+                    eprintln!("grid: {}", path.display());
+                }
+            }
+        }
+        Cmd::Eval { db, queries, k, json, batch, model, weights } => {
+            let ks = eval::parse_ks(&k)?;
+            let db = Db::open(&db)?;
+            let ds = Dataset::open(&queries, Split::Val)?;
+            eprintln!("queries: {}", ds.summary());
+            let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+            let rep = eval::evaluate(&emb, &db, &ds, &ks, batch)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!(
+                    "{} queries against {} DB images ({}, {} px)",
+                    rep.metrics.queries, rep.db_size, rep.model, rep.size
+                );
+                for (k, v) in &rep.metrics.precision_at_k {
+                    println!("P@{k:<3} {v:.4}   Recall@{k:<3} {:.4}", rep.metrics.recall_at_k[k]);
+                }
+                println!("MAP@R  {:.4}", rep.metrics.map_at_r);
+                if rep.queries_without_class_in_db > 0 {
+                    eprintln!("{} queries have no class in the DB and were not scored", rep.queries_without_class_in_db);
+                }
+                if rep.skipped_images > 0 {
+                    eprintln!("{} query images could not be read (listed above)", rep.skipped_images);
+                }
+            }
+        }
+        Cmd::Classify { data, imagenet_wnids, size, batch, split, weights } => {
+            let ds = Dataset::open(&data, split.into())?;
+            let emb = Embedder::pretrained(weights.as_deref(), size, false)?;
+            let r = eval::imagenet_top1(&emb, &ds, &imagenet_wnids, batch)?;
+            println!(
+                "ImageNet top-1 restricted to {} classes at {} px: {:.4} ({} of {} images)",
+                ds.classes.len(),
+                r.size,
+                r.top1,
+                r.correct,
+                r.images
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,143 @@
+//! The seed's test stage: embed query images, rank the DB by Euclidean distance, return the top N.
+
+use crate::db::Db;
+use crate::embed::{Embedder, ModelSpec};
+use crate::index::search;
+use anyhow::{Result, bail};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Refuses a DB made by another model, input size or normalisation.
+pub fn check_compatible(db: &Db, emb: &Embedder) -> Result<()> {
+    let m = &db.meta;
+    if m.model != emb.identity || m.size != emb.size || m.normalized != emb.normalize || m.dim != emb.dim {
+        bail!(
+            "DB {} was made with model {} at {} px (normalized: {}), but the query model is {} at {} px \
+             (normalized: {}): query with the DB's model, or re-run `deeprank embed` with this one",
+            db.dir.display(),
+            m.model,
+            m.size,
+            m.normalized,
+            emb.identity,
+            emb.size,
+            emb.normalize
+        );
+    }
+    Ok(())
+}
+
+/// Builds the embedder that made `db` (or the one `model` names, which must match it).
+pub fn embedder_for_db(db: &Db, model: Option<&str>, weights: Option<&Path>) -> Result<Embedder> {
+    let spec = ModelSpec::parse(model.unwrap_or(&db.meta.model_source))?;
+    let emb = Embedder::from_spec(&spec, weights, db.meta.size, db.meta.normalized)?;
+    check_compatible(db, &emb)?;
+    Ok(emb)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRow {
+    pub rank: usize,
+    pub id: usize,
+    pub distance: f32,
+    pub path: PathBuf,
+    pub class_id: String,
+    pub class_name: String,
+    /// Whether the result has the query's class (when the query's class is known).
+    pub same_class: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryResult {
+    pub image: PathBuf,
+    /// The query's class, when it can be told from its location (class folder or Tiny ImageNet val).
+    pub class_id: Option<String>,
+    pub results: Vec<ResultRow>,
+}
+
+/// Tells a query image's class from where it lies: `<class>/x.jpg`, `<class>/images/x.jpg`, or a
+/// Tiny ImageNet val folder's `val_annotations.txt`. Only classes the DB knows count.
+pub fn guess_class(path: &Path, known: &HashSet<&str>) -> Option<String> {
+    let parent = path.parent()?;
+    let pname = parent.file_name()?.to_str()?;
+    if known.contains(pname) {
+        return Some(pname.to_string());
+    }
+    if pname == "images" {
+        let gp = parent.parent()?;
+        if let Some(g) = gp.file_name().and_then(|n| n.to_str())
+            && known.contains(g)
+        {
+            return Some(g.to_string());
+        }
+        let ann = std::fs::read_to_string(gp.join("val_annotations.txt")).ok()?;
+        let fname = path.file_name()?.to_str()?;
+        for line in ann.lines() {
+            let mut f = line.split('\t');
+            if f.next() == Some(fname) {
+                let c = f.next()?;
+                return known.contains(c).then(|| c.to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Ranks the DB for each query vector.
+pub fn rank(db: &Db, qvecs: &[f32], qclasses: &[Option<String>], top: usize) -> Vec<Vec<ResultRow>> {
+    let hits = search(db.vectors.data(), db.meta.dim, qvecs, top.min(db.len()), &|_, _| false);
+    hits.into_iter()
+        .zip(qclasses)
+        .map(|(hs, qc)| {
+            hs.into_iter()
+                .enumerate()
+                .map(|(r, h)| {
+                    let e = &db.entries[h.index];
+                    ResultRow {
+                        rank: r + 1,
+                        id: h.index,
+                        distance: h.distance,
+                        path: e.path.clone(),
+                        class_id: e.class_id.clone(),
+                        class_name: e.class_name.clone(),
+                        same_class: qc.as_ref().map(|c| *c == e.class_id),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `deeprank query`: the top `top` DB images for each query image.
+pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<Vec<QueryResult>> {
+    if top == 0 {
+        bail!("--top must be at least 1");
+    }
+    for p in images {
+        if !p.is_file() {
+            bail!("query image {} does not exist or is not a file", p.display());
+        }
+    }
+    let (vecs, skipped) = emb.embed_files(images)?;
+    if let Some(s) = skipped.first() {
+        bail!(
+            "cannot use query image {}: {} (pass a JPEG or PNG image)",
+            s.path.display(),
+            s.reason
+        );
+    }
+    let flat: Vec<f32> = vecs.into_iter().flatten().flatten().collect();
+    let known: HashSet<&str> = db.entries.iter().map(|e| e.class_id.as_str()).collect();
+    let classes: Vec<Option<String>> = images.iter().map(|p| guess_class(p, &known)).collect();
+    let ranked = rank(db, &flat, &classes, top);
+    Ok(images
+        .iter()
+        .zip(classes)
+        .zip(ranked)
+        .map(|((p, c), results)| QueryResult {
+            image: p.clone(),
+            class_id: c,
+            results,
+        })
+        .collect())
+}

@@ -1,0 +1,121 @@
+//! Image decoding and the model's input transform: decode (guarded against decompression bombs),
+//! convert to RGB, bilinear resize to `size`×`size`, normalise `(x/255 − 0.498)/0.502`, CHW f32.
+
+use anyhow::{Result, anyhow, bail};
+use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{ImageReader, Limits, RgbImage};
+use std::io::Cursor;
+use std::path::Path;
+
+/// EfficientNet-Lite's input normalisation (the weights were trained with it).
+pub const MEAN: f32 = 0.498;
+pub const STD: f32 = 0.502;
+
+/// Images whose header declares more pixels than this are refused before decoding.
+pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
+/// Files larger than this are refused before reading.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Why an image could not be used; the message says what is wrong with the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("empty file")]
+    Empty,
+    #[error("file is {0} bytes, over the {MAX_FILE_BYTES}-byte limit")]
+    FileTooLarge(u64),
+    #[error("not a JPEG or PNG image")]
+    UnknownFormat,
+    #[error("image is {w}x{h} = {} pixels, over the limit of {max} pixels", (*w as u64) * (*h as u64))]
+    TooManyPixels { w: u32, h: u32, max: u64 },
+    #[error("corrupt or truncated image: {0}")]
+    Decode(String),
+}
+
+/// Decodes image bytes to RGB8, refusing bombs by the header's declared size.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(ImageError::Io)?;
+    match reader.format() {
+        Some(image::ImageFormat::Jpeg) | Some(image::ImageFormat::Png) => {}
+        _ => return Err(ImageError::UnknownFormat),
+    }
+    let (w, h) = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(ImageError::Io)?
+        .into_dimensions()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    if (w as u64) * (h as u64) > max_pixels || w == 0 || h == 0 {
+        return Err(ImageError::TooManyPixels { w, h, max: max_pixels });
+    }
+    let mut reader = reader;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 26));
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    Ok(img.into_rgb8())
+}
+
+/// Reads and decodes an image file to RGB8.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let meta = std::fs::metadata(path)?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(ImageError::FileTooLarge(meta.len()));
+    }
+    let bytes = std::fs::read(path)?;
+    decode_rgb(&bytes, DEFAULT_MAX_PIXELS)
+}
+
+/// Bilinear resize (Pillow-compatible convolution) of an RGB image to `size`×`size`.
+pub fn resize_rgb(img: &RgbImage, size: u32) -> Result<RgbImage> {
+    if img.width() == size && img.height() == size {
+        return Ok(img.clone());
+    }
+    let src = FirImage::from_vec_u8(
+        img.width(),
+        img.height(),
+        img.as_raw().clone(),
+        PixelType::U8x3,
+    )
+    .map_err(|e| anyhow!("resize: {e}"))?;
+    let mut dst = FirImage::new(size, size, PixelType::U8x3);
+    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&src, &mut dst, &opts)
+        .map_err(|e| anyhow!("resize: {e}"))?;
+    RgbImage::from_raw(size, size, dst.into_vec()).ok_or_else(|| anyhow!("resize: bad buffer"))
+}
+
+/// Writes the normalised CHW tensor of an RGB image of side `size` into `out` (len 3·size²).
+pub fn normalise_chw(img: &RgbImage, out: &mut [f32]) -> Result<()> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let plane = w * h;
+    if out.len() != 3 * plane {
+        bail!("tensor buffer has {} values, expected {}", out.len(), 3 * plane);
+    }
+    let scale = 1.0 / (255.0 * STD);
+    let shift = MEAN / STD;
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        r[i] = px[0] as f32 * scale - shift;
+        g[i] = px[1] as f32 * scale - shift;
+        b[i] = px[2] as f32 * scale - shift;
+    }
+    Ok(())
+}
+
+/// Decode + resize + normalise one file into `out` (len 3·size²).
+pub fn load_tensor(path: &Path, size: u32, out: &mut [f32]) -> Result<(), ImageError> {
+    let img = load_rgb(path)?;
+    let img = resize_rgb(&img, size).map_err(|e| ImageError::Decode(e.to_string()))?;
+    normalise_chw(&img, out).map_err(|e| ImageError::Decode(e.to_string()))
+}
