@@ -204,8 +204,7 @@ fn class_images(dir: &Path, ignored: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> 
         }
         if has_image_extension(&p) {
             out.push(p);
-        } else if img_dir != dir || !p.extension().is_some_and(|e| e == "txt") {
-            // Tiny ImageNet keeps `<wnid>_boxes.txt` beside `images/`: not worth a warning.
+        } else {
             ignored.push(p);
         }
     }
@@ -241,14 +240,18 @@ fn open_tiny_train(root: &Path) -> Result<Dataset> {
 
 fn open_tiny_val(dir: &Path) -> Result<Dataset> {
     let ann = dir.join("val_annotations.txt");
-    let text = fs::read_to_string(&ann).with_context(|| format!("cannot read {}", ann.display()))?;
+    let text =
+        fs::read_to_string(&ann).with_context(|| format!("cannot read {}", ann.display()))?;
     let parent_wnids = dir.parent().map(|p| p.join("wnids.txt"));
     let mut wnids: Vec<String> = match parent_wnids {
         Some(p) if p.is_file() => read_wnids(&p)?,
         _ => Vec::new(),
     };
-    let mut index: HashMap<String, usize> =
-        wnids.iter().enumerate().map(|(i, w)| (w.clone(), i)).collect();
+    let mut index: HashMap<String, usize> = wnids
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i))
+        .collect();
     let mut items = Vec::new();
     for (ln, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -104,7 +104,12 @@ impl NpyMap {
         // SAFETY: the file is only read; deeprank replaces DB folders by rename, never in place.
         let map = unsafe { memmap2::Mmap::map(&f) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        let bad = || format!("{} is not a deeprank vectors file (f32 npy)", path.display());
+        let bad = || {
+            format!(
+                "{} is not a deeprank vectors file (f32 npy)",
+                path.display()
+            )
+        };
         if map.len() < 10 || &map[..6] != b"\x93NUMPY" {
             bail!(bad());
         }
@@ -212,7 +217,8 @@ impl DbWriter {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         let vectors = NpyWriter::create(&tmp.join(VECTORS), dim)?;
         let manifest = BufWriter::new(File::create(tmp.join(MANIFEST))?);
         let (text, text_path) = match text {
@@ -237,7 +243,10 @@ impl DbWriter {
     }
 
     pub fn push(&mut self, entry: &Entry, vector: &[f32]) -> Result<()> {
-        self.vectors.as_mut().context("DB already finished")?.push(vector)?;
+        self.vectors
+            .as_mut()
+            .context("DB already finished")?
+            .push(vector)?;
         writeln!(
             self.manifest,
             "{}\t{}\t{}",
@@ -257,7 +266,11 @@ impl DbWriter {
 
     /// Writes the metadata and moves the DB into place.
     pub fn finish(mut self, mut meta: Meta) -> Result<PathBuf> {
-        let count = self.vectors.take().context("DB already finished")?.finish()?;
+        let count = self
+            .vectors
+            .take()
+            .context("DB already finished")?
+            .finish()?;
         meta.count = count;
         self.manifest.flush()?;
         std::fs::write(self.tmp.join(META), serde_json::to_string_pretty(&meta)?)?;

@@ -105,17 +105,17 @@ pub fn run(opts: &DemoOptions) -> Result<PathBuf> {
     for (i, q) in results.iter().enumerate() {
         let g = opts.out.join(format!("query-{}.png", i + 1));
         grid::write(q, &g)?;
-        let same = q.results.iter().filter(|r| r.same_class == Some(true)).count();
+        let same = q
+            .results
+            .iter()
+            .filter(|r| r.same_class == Some(true))
+            .count();
         writeln!(
             report,
             "## Query {}: {} ({})\n\n![query {}]({})\n\n{} of the top {} share its class.\n",
             i + 1,
             q.image.display(),
-            q.class_id
-                .as_ref()
-                .and_then(|c| train.classes.iter().find(|x| &x.id == c))
-                .map(|c| c.name.as_str())
-                .unwrap_or("?"),
+            q.class_name.as_deref().unwrap_or("?"),
             i + 1,
             g.file_name().unwrap_or_default().to_string_lossy(),
             same,
@@ -128,7 +128,10 @@ pub fn run(opts: &DemoOptions) -> Result<PathBuf> {
     std::fs::write(&rpath, &report)?;
     println!(
         "P@1 {:.3}  P@10 {:.3}  MAP@R {:.3} over {} queries",
-        ev.metrics.precision_at_k[&1], ev.metrics.precision_at_k[&10], ev.metrics.map_at_r, ev.metrics.queries
+        ev.metrics.precision_at_k[&1],
+        ev.metrics.precision_at_k[&10],
+        ev.metrics.map_at_r,
+        ev.metrics.queries
     );
     for g in &grids {
         println!("grid:   {}", g.display());

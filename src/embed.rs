@@ -18,22 +18,30 @@ use std::path::{Path, PathBuf};
 pub enum ModelSpec {
     /// EfficientNet-Lite0 ImageNet weights, pooled 1280-d features.
     Pretrained,
+    /// A run folder written by `deeprank train` (its `model.bpk` and `config.json`).
+    Run(PathBuf),
 }
 
 impl ModelSpec {
-    /// Parses `pretrained` (other sources come with trained runs).
+    /// Parses `pretrained` or a run folder.
     pub fn parse(s: &str) -> Result<ModelSpec> {
-        match s {
-            "pretrained" => Ok(ModelSpec::Pretrained),
-            other => bail!(
-                "unknown --model {other:?}: use `pretrained` (trained run folders are not supported by this build)"
-            ),
+        if s == "pretrained" {
+            return Ok(ModelSpec::Pretrained);
         }
+        let p = PathBuf::from(s);
+        if p.join(crate::train::CONFIG).is_file() {
+            return Ok(ModelSpec::Run(p));
+        }
+        bail!(
+            "--model {s:?} is neither `pretrained` nor a training run folder (with {})",
+            crate::train::CONFIG
+        )
     }
 
     pub fn source(&self) -> String {
         match self {
             ModelSpec::Pretrained => "pretrained".into(),
+            ModelSpec::Run(p) => p.display().to_string(),
         }
     }
 }
@@ -45,14 +53,47 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The CPU device deeprank computes on.
-pub fn cpu() -> Device {
-    Device::flex()
+/// One vector per input file (`None` where it failed), and the failures.
+pub type PerFile = (Vec<Option<Vec<f32>>>, Vec<Skipped>);
+
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Selects the compute device for this process: `cpu` (burn's flex backend, always there),
+/// `vulkan` (GPU through wgpu; build with `--features gpu`) or `cuda` (`--features cuda`, which
+/// needs burn's LLVM bundle at build time).
+pub fn set_device(name: &str) -> Result<()> {
+    let dev = match name {
+        "cpu" => Device::flex(),
+        #[cfg(feature = "gpu")]
+        "vulkan" | "gpu" => Device::vulkan(Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Device::cuda(0),
+        "vulkan" | "gpu" | "cuda" => bail!(
+            "--device {name} needs a GPU build: cargo build --release --features {}",
+            if name == "cuda" { "cuda" } else { "gpu" }
+        ),
+        other => bail!("unknown --device {other:?}: use cpu, vulkan or cuda"),
+    };
+    if DEVICE.set(dev).is_err() {
+        bail!("the compute device is already set");
+    }
+    Ok(())
+}
+
+/// The device deeprank computes on (the CPU unless [`set_device`] chose another).
+pub fn device() -> Device {
+    DEVICE.get().cloned().unwrap_or_else(Device::flex)
+}
+
+/// The network behind an embedder.
+enum Net {
+    Pretrained(Box<Lite0>),
+    Trained(Box<crate::train::net::EmbedNet>),
 }
 
 /// A network ready to embed images of one input size.
 pub struct Embedder {
-    model: Lite0,
+    net: Net,
     device: Device,
     pub size: u32,
     pub normalize: bool,
@@ -68,10 +109,10 @@ impl Embedder {
         check_size(size)?;
         let path = weights::resolve(weights_file)?;
         let sha = weights::sha256_file(&path)?;
-        let device = cpu();
+        let device = device();
         let model = weights::load_lite0(&path, &device)?;
         Ok(Self {
-            model,
+            net: Net::Pretrained(Box::new(model)),
             device,
             size,
             normalize,
@@ -82,15 +123,40 @@ impl Embedder {
     }
 
     /// Builds the embedder a spec names.
-    pub fn from_spec(spec: &ModelSpec, weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
+    pub fn from_spec(
+        spec: &ModelSpec,
+        weights_file: Option<&Path>,
+        size: u32,
+        normalize: bool,
+    ) -> Result<Self> {
         match spec {
             ModelSpec::Pretrained => Self::pretrained(weights_file, size, normalize),
+            ModelSpec::Run(dir) => Self::trained(dir, Some(size)),
         }
     }
 
-    /// The underlying network (for classification checks).
-    pub fn network(&self) -> &Lite0 {
-        &self.model
+    /// A trained run's network (its embedding head; normalised as it was trained). `size`
+    /// defaults to the run's training size.
+    pub fn trained(run: &Path, size: Option<u32>) -> Result<Self> {
+        let (cfg, net) = crate::train::load_run(run)?;
+        let size = size.unwrap_or(cfg.size);
+        check_size(size)?;
+        let sha = weights::sha256_file(&run.join(crate::train::MODEL))?;
+        let name = run
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| "run".into());
+        let normalize = net.normalize;
+        Ok(Self {
+            net: Net::Trained(Box::new(net)),
+            device: device(),
+            size,
+            normalize,
+            dim: cfg.dim,
+            identity: format!("run:{name}:{}", &sha[..12]),
+            source: run.display().to_string(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -109,12 +175,12 @@ impl Embedder {
             return Ok(Vec::new());
         }
         let x = self.input(batch, n);
-        let mut out: Vec<f32> = self
-            .model
-            .pooled(x)
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let y = match &self.net {
+            Net::Pretrained(m) => m.pooled(x),
+            // A trained network applies its own normalisation.
+            Net::Trained(m) => return to_vec(m.forward(x)),
+        };
+        let mut out = to_vec(y)?;
         if self.normalize {
             for row in out.chunks_exact_mut(self.dim) {
                 l2_normalize(row);
@@ -126,31 +192,44 @@ impl Embedder {
     /// ImageNet logits (`n × 1000`) of a batch of `n` normalised CHW images.
     pub fn logits_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
         let x = self.input(batch, n);
-        self.model
-            .logits(x)
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
+        match &self.net {
+            Net::Pretrained(m) => to_vec(m.logits(x)),
+            Net::Trained(m) => to_vec(m.backbone.logits(x)),
+        }
     }
 
     /// Embeds image files; failures are returned per path instead of stopping.
-    pub fn embed_files(&self, paths: &[PathBuf]) -> Result<(Vec<Option<Vec<f32>>>, Vec<Skipped>)> {
+    pub fn embed_files(&self, paths: &[PathBuf]) -> Result<PerFile> {
         let (buf, ok, skipped) = decode_batch(paths, self.size);
         let n = ok.iter().filter(|&&o| o).count();
         let vecs = self.embed_batch(buf, n)?;
         let mut it = vecs.chunks_exact(self.dim);
         let out = ok
             .iter()
-            .map(|&o| if o { it.next().map(|v| v.to_vec()) } else { None })
+            .map(|&o| {
+                if o {
+                    it.next().map(|v| v.to_vec())
+                } else {
+                    None
+                }
+            })
             .collect();
         Ok((out, skipped))
     }
 }
 
+fn to_vec(t: Tensor<2>) -> Result<Vec<f32>> {
+    t.into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 /// Input sides the network accepts (multiples of 32 keep every stride exact).
 pub fn check_size(size: u32) -> Result<()> {
-    if !(32..=1024).contains(&size) || size % 32 != 0 {
-        bail!("--size {size} is not supported: use a multiple of 32 between 32 and 1024 (e.g. 64, 128, 224)");
+    if !(32..=1024).contains(&size) || !size.is_multiple_of(32) {
+        bail!(
+            "--size {size} is not supported: use a multiple of 32 between 32 and 1024 (e.g. 64, 128, 224)"
+        );
     }
     Ok(())
 }
@@ -197,11 +276,9 @@ pub fn decode_batch(paths: &[PathBuf], size: u32) -> (Vec<f32>, Vec<bool>, Vec<S
 pub fn progress(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} {per_sec:.1} img/s eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec:.1} img/s eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -282,7 +359,10 @@ pub fn embed_dataset(
         writer.push(&entry, v)
     })?;
     if count == 0 {
-        bail!("none of the {} images could be decoded; nothing written", ds.items.len());
+        bail!(
+            "none of the {} images could be decoded; nothing written",
+            ds.items.len()
+        );
     }
     let meta = Meta {
         model: emb.identity.clone(),

@@ -99,35 +99,37 @@ pub fn parse_ks(s: &str) -> Result<Vec<usize>> {
     Ok(ks)
 }
 
-/// Scores query vectors (with class ids and paths) against a DB.
+/// Scores query vectors (with class ids and paths) against database vectors. Queries whose class
+/// is not in the database are left out (their number is returned); a query that is itself in the
+/// database (same path) does not count itself.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_vectors(
-    db: &Db,
+    db_vecs: &[f32],
+    dim: usize,
+    db_class: &[String],
+    db_paths: &[PathBuf],
     qvecs: &[f32],
     qclass: &[String],
     qpaths: &[PathBuf],
     ks: &[usize],
 ) -> (Metrics, usize) {
     let mut ids: HashMap<&str, usize> = HashMap::new();
-    let db_labels: Vec<usize> = db
-        .entries
+    let db_labels: Vec<usize> = db_class
         .iter()
-        .map(|e| {
+        .map(|c| {
             let n = ids.len();
-            *ids.entry(e.class_id.as_str()).or_insert(n)
+            *ids.entry(c.as_str()).or_insert(n)
         })
         .collect();
     let mut counts = vec![0usize; ids.len()];
     for &l in &db_labels {
         counts[l] += 1;
     }
-    let path_index: HashMap<&Path, usize> = db
-        .entries
+    let path_index: HashMap<&Path, usize> = db_paths
         .iter()
         .enumerate()
-        .map(|(i, e)| (e.path.as_path(), i))
+        .map(|(i, p)| (p.as_path(), i))
         .collect();
-    let dim = db.meta.dim;
-    // Keep only queries whose class exists in the DB.
     let mut keep = Vec::new();
     let mut labels = Vec::new();
     let mut selfs = Vec::new();
@@ -150,41 +152,67 @@ pub fn evaluate_vectors(
         .chain(r.iter().copied())
         .max()
         .unwrap_or(1)
-        .min(db.len());
+        .min(db_labels.len());
     let mut qv = Vec::with_capacity(keep.len() * dim);
     for &q in &keep {
         qv.extend_from_slice(&qvecs[q * dim..(q + 1) * dim]);
     }
-    let hits = search(db.vectors.data(), dim, &qv, kmax, &|q, i| selfs[q] == Some(i));
+    let hits = search(db_vecs, dim, &qv, kmax, &|q, i| selfs[q] == Some(i));
     let m = metrics_from_hits(&hits, |q, i| db_labels[i] == labels[q], &r, ks);
     (m, missing)
 }
 
-/// Embeds a query dataset; returns vectors, class ids and paths of the images that decoded.
-pub fn embed_queries(
-    emb: &Embedder,
-    ds: &Dataset,
-    batch: usize,
-) -> Result<(Vec<f32>, Vec<String>, Vec<PathBuf>, Vec<Skipped>)> {
+/// Embedded query images (those that decoded), with their classes and paths.
+pub struct QuerySet {
+    pub vectors: Vec<f32>,
+    pub classes: Vec<String>,
+    pub paths: Vec<PathBuf>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Embeds a query dataset.
+pub fn embed_queries(emb: &Embedder, ds: &Dataset, batch: usize) -> Result<QuerySet> {
     let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
-    let mut vecs = Vec::with_capacity(paths.len() * emb.dim);
+    let mut vectors = Vec::with_capacity(paths.len() * emb.dim);
     let mut classes = Vec::new();
     let mut kept = Vec::new();
     let skipped = embed_stream(emb, &paths, batch, "queries", |i, v| {
-        vecs.extend_from_slice(v);
+        vectors.extend_from_slice(v);
         classes.push(ds.classes[ds.items[i].class].id.clone());
         kept.push(paths[i].clone());
         Ok(())
     })?;
-    Ok((vecs, classes, kept, skipped))
+    Ok(QuerySet {
+        vectors,
+        classes,
+        paths: kept,
+        skipped,
+    })
 }
 
 /// `deeprank eval`: embeds the query set with the DB's model and scores it.
-pub fn evaluate(emb: &Embedder, db: &Db, queries: &Dataset, ks: &[usize], batch: usize) -> Result<EvalReport> {
+pub fn evaluate(
+    emb: &Embedder,
+    db: &Db,
+    queries: &Dataset,
+    ks: &[usize],
+    batch: usize,
+) -> Result<EvalReport> {
     crate::query::check_compatible(db, emb)?;
     let t0 = std::time::Instant::now();
-    let (qv, qc, qp, skipped) = embed_queries(emb, queries, batch)?;
-    let (metrics, missing) = evaluate_vectors(db, &qv, &qc, &qp, ks);
+    let qs = embed_queries(emb, queries, batch)?;
+    let db_class: Vec<String> = db.entries.iter().map(|e| e.class_id.clone()).collect();
+    let db_paths: Vec<PathBuf> = db.entries.iter().map(|e| e.path.clone()).collect();
+    let (metrics, missing) = evaluate_vectors(
+        db.vectors.data(),
+        db.meta.dim,
+        &db_class,
+        &db_paths,
+        &qs.vectors,
+        &qs.classes,
+        &qs.paths,
+        ks,
+    );
     if metrics.queries == 0 {
         bail!(
             "none of the query classes of {} occur in the DB {}: are they from the same dataset?",
@@ -198,7 +226,7 @@ pub fn evaluate(emb: &Embedder, db: &Db, queries: &Dataset, ks: &[usize], batch:
         model: db.meta.model.clone(),
         size: db.meta.size,
         queries_without_class_in_db: missing,
-        skipped_images: skipped.len(),
+        skipped_images: qs.skipped.len(),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -214,12 +242,25 @@ pub struct Top1 {
 
 /// ImageNet top-1 of the pretrained classifier restricted to the dataset's classes (e.g. the 200
 /// Tiny ImageNet wnids), `imagenet_wnids` giving the logit order.
-pub fn imagenet_top1(emb: &Embedder, ds: &Dataset, imagenet_wnids: &Path, batch: usize) -> Result<Top1> {
+pub fn imagenet_top1(
+    emb: &Embedder,
+    ds: &Dataset,
+    imagenet_wnids: &Path,
+    batch: usize,
+) -> Result<Top1> {
     let text = std::fs::read_to_string(imagenet_wnids)
         .with_context(|| format!("cannot read {}", imagenet_wnids.display()))?;
-    let all: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let all: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if all.len() != NUM_CLASSES {
-        bail!("{} has {} ids, expected {NUM_CLASSES}", imagenet_wnids.display(), all.len());
+        bail!(
+            "{} has {} ids, expected {NUM_CLASSES}",
+            imagenet_wnids.display(),
+            all.len()
+        );
     }
     let cols: Vec<usize> = ds
         .classes

@@ -24,7 +24,11 @@ const QUERY: Rgb<u8> = Rgb([40, 90, 220]);
 /// Draws ASCII text with the 8×8 bitmap font; characters outside ASCII print as '?'.
 pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, color: Rgb<u8>) {
     for (i, ch) in text.chars().enumerate() {
-        let c = if ch.is_ascii() { ch as usize } else { b'?' as usize };
+        let c = if ch.is_ascii() {
+            ch as usize
+        } else {
+            b'?' as usize
+        };
         let glyph = BASIC_LEGACY[c];
         for (row, bits) in glyph.iter().enumerate() {
             for col in 0..8 {
@@ -77,10 +81,24 @@ pub fn render(q: &QueryResult) -> RgbImage {
     let height = PAD + 12 + cell_h * rows;
     let mut img = RgbImage::from_pixel(width, height, BG);
     draw_text(&mut img, PAD, PAD, "query", INK);
-    draw_text(&mut img, PAD + cell_w + PAD, PAD, &format!("top {} by Euclidean distance", q.results.len()), INK);
+    draw_text(
+        &mut img,
+        PAD + cell_w + PAD,
+        PAD,
+        &format!("top {} by Euclidean distance", q.results.len()),
+        INK,
+    );
     let y0 = PAD + 12;
-    let qname = q.class_id.clone().unwrap_or_else(|| "class unknown".into());
-    let qfile = q.image.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    let qname = q
+        .class_name
+        .clone()
+        .or_else(|| q.class_id.clone())
+        .unwrap_or_else(|| "class unknown".into());
+    let qfile = q
+        .image
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
     tile(&mut img, PAD, y0, &q.image, QUERY, [&qfile, &qname]);
     for (i, r) in q.results.iter().enumerate() {
         let (col, row) = (i as u32 % COLS, i as u32 / COLS);

@@ -81,7 +81,7 @@ pub fn search(
     k: usize,
     skip: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Vec<Vec<Hit>> {
-    assert!(dim > 0 && db.len() % dim == 0 && queries.len() % dim == 0);
+    assert!(dim > 0 && db.len().is_multiple_of(dim) && queries.len().is_multiple_of(dim));
     let nq = queries.len() / dim;
     let blocks: Vec<usize> = (0..nq).step_by(QUERY_BLOCK).collect();
     let per_block: Vec<Vec<Vec<Hit>>> = blocks
@@ -92,8 +92,7 @@ pub fn search(
             for (i, row) in db.chunks_exact(dim).enumerate() {
                 for (t, q) in (q0..q1).enumerate() {
                     let d = sq_l2(&queries[q * dim..(q + 1) * dim], row);
-                    if d < tops[t].worst() || (d == tops[t].worst() && tops[t].items.len() < k)
-                    {
+                    if d < tops[t].worst() || (d == tops[t].worst() && tops[t].items.len() < k) {
                         if skip(q, i) {
                             continue;
                         }

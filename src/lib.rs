@@ -13,5 +13,6 @@ pub mod index;
 pub mod model;
 pub mod query;
 pub mod sampler;
+pub mod train;
 pub mod transform;
 pub mod weights;

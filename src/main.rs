@@ -5,15 +5,22 @@ use clap::{Parser, Subcommand};
 use deeprank::dataset::{Dataset, Split};
 use deeprank::db::Db;
 use deeprank::embed::{Embedder, ModelSpec, embed_dataset};
-use deeprank::{demo, eval, grid, query, sampler, weights};
+use deeprank::{demo, eval, grid, query, sampler, train, weights};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "deeprank", version, about = "Image similarity search with a triplet deep-ranking network")]
+#[command(
+    name = "deeprank",
+    version,
+    about = "Image similarity search with a triplet deep-ranking network"
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Compute device: cpu, vulkan (build with --features gpu) or cuda (--features cuda).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -122,6 +129,8 @@ enum Cmd {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
+    /// Fine-tunes the triplet network with the ranking loss (the seed's main.py).
+    Train(Box<TrainArgs>),
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify {
         /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
@@ -139,6 +148,139 @@ enum Cmd {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Training images (Tiny ImageNet root or class folders).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: config.json, checkpoint.bin, model.bpk, metrics.csv, plot.png.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continues the run in RUN_DIR (or in --out) from its last checkpoint.
+    #[arg(long, num_args = 0..=1, value_name = "RUN_DIR")]
+    resume: Option<Option<PathBuf>>,
+    /// Resume despite a changed config, or start over in a folder that holds a run.
+    #[arg(long)]
+    force: bool,
+    /// Validation queries (DB = the training images): P@1/P@30/MAP@R per epoch.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Preset the flags below override.
+    #[arg(long, value_enum, default_value = "default")]
+    recipe: train::Recipe,
+    /// Triplet file from `deeprank sample` (implies --sampling file).
+    #[arg(long)]
+    triplets: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    arch: Option<train::net::Arch>,
+    /// Embedding dimension.
+    #[arg(long)]
+    dim: Option<usize>,
+    /// L2-normalise the embeddings (--normalize true|false).
+    #[arg(long)]
+    normalize: Option<bool>,
+    /// The ranking loss's gap g (> 0).
+    #[arg(long)]
+    gap: Option<f32>,
+    #[arg(long, value_enum)]
+    sampling: Option<train::data::Sampling>,
+    #[arg(long, value_enum)]
+    optimizer: Option<train::OptimizerKind>,
+    /// Learning rate of the head.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate of the trainable backbone blocks.
+    #[arg(long)]
+    backbone_lr: Option<f64>,
+    #[arg(long)]
+    momentum: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Triplets per step (file, random) or images per step (batch-hard, semi-hard).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Images per class in a mining batch.
+    #[arg(long)]
+    per_class: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    steps_per_epoch: Option<usize>,
+    #[arg(long)]
+    size: Option<u32>,
+    /// Freeze the stem and the first K MBConv blocks (0–16), or 17 for the whole backbone.
+    #[arg(long)]
+    freeze_blocks: Option<usize>,
+    #[arg(long, value_enum)]
+    bn: Option<train::BnMode>,
+    /// Cache the frozen part's outputs (--cache true|false).
+    #[arg(long)]
+    cache: Option<bool>,
+    /// Cached views per image (1 plain + augmented ones).
+    #[arg(long)]
+    views: Option<usize>,
+    #[arg(long)]
+    plateau_factor: Option<f64>,
+    #[arg(long)]
+    plateau_patience: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every N steps as well as at epoch ends (0: epoch ends only).
+    #[arg(long)]
+    save_every: Option<usize>,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    fn config(&self) -> train::TrainConfig {
+        let mut c = train::TrainConfig::recipe(self.recipe, self.data.clone());
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            arch,
+            dim,
+            normalize,
+            gap,
+            sampling,
+            optimizer,
+            lr,
+            backbone_lr,
+            momentum,
+            weight_decay,
+            batch,
+            per_class,
+            epochs,
+            size,
+            freeze_blocks,
+            bn,
+            cache,
+            views,
+            plateau_factor,
+            plateau_patience,
+            seed,
+            save_every
+        );
+        if self.recipe == train::Recipe::Seed && self.backbone_lr.is_none() {
+            c.backbone_lr = c.lr;
+        }
+        if self.triplets.is_some() {
+            c.triplets = self.triplets.clone();
+            if self.sampling.is_none() {
+                c.sampling = train::data::Sampling::File;
+            }
+        }
+        if self.freeze_blocks == Some(0) && self.cache.is_none() {
+            c.cache = false;
+        }
+        c.steps_per_epoch = self.steps_per_epoch.or(c.steps_per_epoch);
+        c.val = self.val.clone();
+        c.weights = self.weights.clone();
+        c
+    }
 }
 
 #[derive(Subcommand)]
@@ -184,11 +326,72 @@ fn run(cli: Cli) -> Result<()> {
             .build_global()
             .context("cannot set up the thread pool")?;
     }
+    deeprank::embed::set_device(&cli.device)?;
     match cli.cmd {
-        Cmd::Demo { data, out, size, queries, top, batch, weights } => {
-            demo::run(&demo::DemoOptions { data, out, size, queries, top, batch, weights })?;
+        Cmd::Train(args) => {
+            let cfg = args.config();
+            let run_dir = match (&args.resume, &args.out) {
+                (Some(Some(r)), _) => r.clone(),
+                (_, Some(o)) => o.clone(),
+                _ => bail!("give the run folder: --out RUN_DIR (or --resume RUN_DIR)"),
+            };
+            let opts = train::RunOptions {
+                run_dir,
+                resume: args.resume.is_some(),
+                force: args.force,
+            };
+            let s = train::train(cfg, &opts)?;
+            if let Some(last) = s.history.last() {
+                println!(
+                    "trained {} epochs; last: loss {:.4}{}",
+                    s.history.len(),
+                    last.mean_loss,
+                    last.p_at_30
+                        .map(|p| format!(
+                            ", val P@30 {p:.4}, MAP@R {:.4}",
+                            last.map_at_r.unwrap_or(0.0)
+                        ))
+                        .unwrap_or_default()
+                );
+            }
+            if s.skipped_images > 0 {
+                eprintln!(
+                    "skipped {} unreadable images (listed above)",
+                    s.skipped_images
+                );
+            }
+            println!(
+                "run: {} (use it with --model {})",
+                s.run_dir.display(),
+                s.run_dir.display()
+            );
         }
-        Cmd::Sample { data, out, n_pos, n_neg, seed } => {
+        Cmd::Demo {
+            data,
+            out,
+            size,
+            queries,
+            top,
+            batch,
+            weights,
+        } => {
+            demo::run(&demo::DemoOptions {
+                data,
+                out,
+                size,
+                queries,
+                top,
+                batch,
+                weights,
+            })?;
+        }
+        Cmd::Sample {
+            data,
+            out,
+            n_pos,
+            n_neg,
+            seed,
+        } => {
             let t0 = std::time::Instant::now();
             let ds = Dataset::open(&data, Split::Train)?;
             report_ignored(&ds);
@@ -209,13 +412,27 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-        Cmd::Weights { cmd: WeightsCmd::Fetch } => {
+        Cmd::Weights {
+            cmd: WeightsCmd::Fetch,
+        } => {
             println!("{}", weights::fetch()?.display());
         }
-        Cmd::Weights { cmd: WeightsCmd::Path } => {
+        Cmd::Weights {
+            cmd: WeightsCmd::Path,
+        } => {
             println!("{}", weights::default_path().display());
         }
-        Cmd::Embed { data, out, model, size, text, batch, no_normalize, split, weights } => {
+        Cmd::Embed {
+            data,
+            out,
+            model,
+            size,
+            text,
+            batch,
+            no_normalize,
+            split,
+            weights,
+        } => {
             let spec = ModelSpec::parse(&model)?;
             let ds = Dataset::open(&data, split.into())?;
             report_ignored(&ds);
@@ -223,7 +440,10 @@ fn run(cli: Cli) -> Result<()> {
             let emb = Embedder::from_spec(&spec, weights.as_deref(), size, !no_normalize)?;
             let rep = embed_dataset(&emb, &ds, &out, text.as_deref(), batch)?;
             if !rep.skipped.is_empty() {
-                eprintln!("skipped {} unreadable images (listed above)", rep.skipped.len());
+                eprintln!(
+                    "skipped {} unreadable images (listed above)",
+                    rep.skipped.len()
+                );
             }
             println!(
                 "embedded {} images ({} dims) in {:.1}s ({:.1} img/s) into {}",
@@ -234,7 +454,15 @@ fn run(cli: Cli) -> Result<()> {
                 rep.db.display()
             );
         }
-        Cmd::Query { db, images, top, json, grid: grid_out, model, weights } => {
+        Cmd::Query {
+            db,
+            images,
+            top,
+            json,
+            grid: grid_out,
+            model,
+            weights,
+        } => {
             let db = Db::open(&db)?;
             let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
             let results = query::query(&db, &emb, &images, top)?;
@@ -242,7 +470,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
                 for q in &results {
-                    println!("query {} (class {})", q.image.display(), q.class_id.as_deref().unwrap_or("?"));
+                    println!(
+                        "query {} (class {})",
+                        q.image.display(),
+                        q.class_id.as_deref().unwrap_or("?")
+                    );
                     println!("{:>4}  {:>8}  {:<12} path", "rank", "distance", "class");
                     for r in &q.results {
                         let mark = match r.same_class {
@@ -274,7 +506,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Eval { db, queries, k, json, batch, model, weights } => {
+        Cmd::Eval {
+            db,
+            queries,
+            k,
+            json,
+            batch,
+            model,
+            weights,
+        } => {
             let ks = eval::parse_ks(&k)?;
             let db = Db::open(&db)?;
             let ds = Dataset::open(&queries, Split::Val)?;
@@ -289,18 +529,34 @@ fn run(cli: Cli) -> Result<()> {
                     rep.metrics.queries, rep.db_size, rep.model, rep.size
                 );
                 for (k, v) in &rep.metrics.precision_at_k {
-                    println!("P@{k:<3} {v:.4}   Recall@{k:<3} {:.4}", rep.metrics.recall_at_k[k]);
+                    println!(
+                        "P@{k:<3} {v:.4}   Recall@{k:<3} {:.4}",
+                        rep.metrics.recall_at_k[k]
+                    );
                 }
                 println!("MAP@R  {:.4}", rep.metrics.map_at_r);
                 if rep.queries_without_class_in_db > 0 {
-                    eprintln!("{} queries have no class in the DB and were not scored", rep.queries_without_class_in_db);
+                    eprintln!(
+                        "{} queries have no class in the DB and were not scored",
+                        rep.queries_without_class_in_db
+                    );
                 }
                 if rep.skipped_images > 0 {
-                    eprintln!("{} query images could not be read (listed above)", rep.skipped_images);
+                    eprintln!(
+                        "{} query images could not be read (listed above)",
+                        rep.skipped_images
+                    );
                 }
             }
         }
-        Cmd::Classify { data, imagenet_wnids, size, batch, split, weights } => {
+        Cmd::Classify {
+            data,
+            imagenet_wnids,
+            size,
+            batch,
+            split,
+            weights,
+        } => {
             let ds = Dataset::open(&data, split.into())?;
             let emb = Embedder::pretrained(weights.as_deref(), size, false)?;
             let r = eval::imagenet_top1(&emb, &ds, &imagenet_wnids, batch)?;

@@ -32,7 +32,14 @@ fn bn(c: usize, device: &Device) -> BatchNorm {
         .init(device)
 }
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, device: &Device) -> Conv2d {
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    device: &Device,
+) -> Conv2d {
     let p = k / 2;
     Conv2dConfig::new([cin, cout], [k, k])
         .with_stride([stride, stride])
@@ -56,7 +63,14 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    pub fn new(cin: usize, cout: usize, expand: usize, k: usize, stride: usize, device: &Device) -> Self {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        expand: usize,
+        k: usize,
+        stride: usize,
+        device: &Device,
+    ) -> Self {
         let mid = cin * expand;
         let (expand_conv, bn0) = if expand != 1 {
             (Some(conv(cin, mid, 1, 1, 1, device)), Some(bn(mid, device)))
@@ -103,7 +117,14 @@ impl Lite0 {
         let mut cin = 32;
         for (t, c, n, s, k) in STAGES {
             for i in 0..n {
-                blocks.push(MbConv::new(cin, c, t, k, if i == 0 { s } else { 1 }, device));
+                blocks.push(MbConv::new(
+                    cin,
+                    c,
+                    t,
+                    k,
+                    if i == 0 { s } else { 1 },
+                    device,
+                ));
                 cin = c;
             }
         }

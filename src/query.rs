@@ -3,7 +3,7 @@
 use crate::db::Db;
 use crate::embed::{Embedder, ModelSpec};
 use crate::index::search;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 /// Refuses a DB made by another model, input size or normalisation.
 pub fn check_compatible(db: &Db, emb: &Embedder) -> Result<()> {
     let m = &db.meta;
-    if m.model != emb.identity || m.size != emb.size || m.normalized != emb.normalize || m.dim != emb.dim {
+    if m.model != emb.identity
+        || m.size != emb.size
+        || m.normalized != emb.normalize
+        || m.dim != emb.dim
+    {
         bail!(
             "DB {} was made with model {} at {} px (normalized: {}), but the query model is {} at {} px \
              (normalized: {}): query with the DB's model, or re-run `deeprank embed` with this one",
@@ -29,7 +33,13 @@ pub fn check_compatible(db: &Db, emb: &Embedder) -> Result<()> {
 
 /// Builds the embedder that made `db` (or the one `model` names, which must match it).
 pub fn embedder_for_db(db: &Db, model: Option<&str>, weights: Option<&Path>) -> Result<Embedder> {
-    let spec = ModelSpec::parse(model.unwrap_or(&db.meta.model_source))?;
+    let spec = ModelSpec::parse(model.unwrap_or(&db.meta.model_source)).with_context(|| {
+        format!(
+            "cannot re-create the model of DB {} ({}): pass --model",
+            db.dir.display(),
+            db.meta.model_source
+        )
+    })?;
     let emb = Embedder::from_spec(&spec, weights, db.meta.size, db.meta.normalized)?;
     check_compatible(db, &emb)?;
     Ok(emb)
@@ -52,6 +62,7 @@ pub struct QueryResult {
     pub image: PathBuf,
     /// The query's class, when it can be told from its location (class folder or Tiny ImageNet val).
     pub class_id: Option<String>,
+    pub class_name: Option<String>,
     pub results: Vec<ResultRow>,
 }
 
@@ -84,8 +95,19 @@ pub fn guess_class(path: &Path, known: &HashSet<&str>) -> Option<String> {
 }
 
 /// Ranks the DB for each query vector.
-pub fn rank(db: &Db, qvecs: &[f32], qclasses: &[Option<String>], top: usize) -> Vec<Vec<ResultRow>> {
-    let hits = search(db.vectors.data(), db.meta.dim, qvecs, top.min(db.len()), &|_, _| false);
+pub fn rank(
+    db: &Db,
+    qvecs: &[f32],
+    qclasses: &[Option<String>],
+    top: usize,
+) -> Vec<Vec<ResultRow>> {
+    let hits = search(
+        db.vectors.data(),
+        db.meta.dim,
+        qvecs,
+        top.min(db.len()),
+        &|_, _| false,
+    );
     hits.into_iter()
         .zip(qclasses)
         .map(|(hs, qc)| {
@@ -115,7 +137,10 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
     }
     for p in images {
         if !p.is_file() {
-            bail!("query image {} does not exist or is not a file", p.display());
+            bail!(
+                "query image {} does not exist or is not a file",
+                p.display()
+            );
         }
     }
     let (vecs, skipped) = emb.embed_files(images)?;
@@ -136,6 +161,12 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
         .zip(ranked)
         .map(|((p, c), results)| QueryResult {
             image: p.clone(),
+            class_name: c.as_ref().and_then(|c| {
+                db.entries
+                    .iter()
+                    .find(|e| &e.class_id == c)
+                    .map(|e| e.class_name.clone())
+            }),
             class_id: c,
             results,
         })

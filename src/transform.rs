@@ -52,7 +52,11 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
         .into_dimensions()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
     if (w as u64) * (h as u64) > max_pixels || w == 0 || h == 0 {
-        return Err(ImageError::TooManyPixels { w, h, max: max_pixels });
+        return Err(ImageError::TooManyPixels {
+            w,
+            h,
+            max: max_pixels,
+        });
     }
     let mut reader = reader;
     let mut limits = Limits::default();
@@ -99,7 +103,11 @@ pub fn normalise_chw(img: &RgbImage, out: &mut [f32]) -> Result<()> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let plane = w * h;
     if out.len() != 3 * plane {
-        bail!("tensor buffer has {} values, expected {}", out.len(), 3 * plane);
+        bail!(
+            "tensor buffer has {} values, expected {}",
+            out.len(),
+            3 * plane
+        );
     }
     let scale = 1.0 / (255.0 * STD);
     let shift = MEAN / STD;

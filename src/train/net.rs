@@ -1,0 +1,189 @@
+//! The triplet network's branch: one network with shared weights applied to query, positive and
+//! negative. EfficientNet-Lite0 (pretrained) + a linear embedding head (optionally L2-normalised),
+//! or the paper's multiscale network (Wang et al. 2014, fig. 3): the CNN plus two shallow
+//! convolution branches on 4:1 and 8:1 down-sampled copies of the input, concatenated, embedded
+//! linearly and L2-normalised.
+//!
+//! The backbone is cut at a *level* K: levels 1–16 are the outputs of MBConv blocks 1–16 (stem
+//! included), level 17 the pooled 1280-d features, level 0 the input. With `--freeze-blocks K`,
+//! everything below level K is frozen, so its output can be computed once and cached.
+
+use crate::model::{FEATURE_DIM, Lite0};
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, relu6};
+use burn::tensor::module::avg_pool2d;
+use burn::tensor::ops::AvgPoolOptions;
+use serde::{Deserialize, Serialize};
+
+/// Highest level: the pooled features (whole backbone frozen, only the head trains).
+pub const POOLED_LEVEL: usize = 17;
+/// Channels of each shallow branch of the multiscale network.
+pub const SHALLOW_CHANNELS: usize = 96;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// EfficientNet-Lite0 + linear head.
+    Lite0,
+    /// The paper's multiscale network: Lite0 + two shallow branches on 4:1 and 8:1 copies.
+    Multiscale,
+}
+
+/// A shallow branch: down-sample, conv 8×8/4 (96), ReLU, max-pool 3×3/2, global max → 96-d.
+#[derive(Module, Debug)]
+pub struct Shallow {
+    pub conv: Conv2d,
+    pub pool: MaxPool2d,
+    pub factor: usize,
+}
+
+impl Shallow {
+    fn new(factor: usize, device: &Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new([3, SHALLOW_CHANNELS], [8, 8])
+                .with_stride([4, 4])
+                .with_padding(PaddingConfig2d::Explicit(2, 2, 2, 2))
+                .init(device),
+            pool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+            factor,
+        }
+    }
+
+    /// `small` is the input already down-sampled by `factor`.
+    pub fn forward(&self, small: Tensor<4>) -> Tensor<2> {
+        let h = self.pool.forward(relu(self.conv.forward(small)));
+        let [n, c, _, _] = h.dims();
+        h.max_dim(3).max_dim(2).reshape([n, c])
+    }
+}
+
+/// Down-samples a normalised input by an integer factor (average pooling).
+pub fn downsample(x: Tensor<4>, factor: usize) -> Tensor<4> {
+    avg_pool2d(x, AvgPoolOptions::new([factor, factor]))
+}
+
+fn l2n(x: Tensor<2>) -> Tensor<2> {
+    let n = x.clone().square().sum_dim(1).clamp_min(1e-12).sqrt();
+    x / n
+}
+
+/// What the trainable part consumes: the backbone's output at the cut level, and for the
+/// multiscale network the down-sampled inputs.
+pub struct LevelInput {
+    /// `[n, C, H, W]` (level 17: `[n, 1280, 1, 1]`).
+    pub trunk: Tensor<4>,
+    pub small4: Option<Tensor<4>>,
+    pub small8: Option<Tensor<4>>,
+}
+
+#[derive(Module, Debug)]
+pub struct EmbedNet {
+    pub backbone: Lite0,
+    pub head: Linear,
+    pub shallow4: Option<Shallow>,
+    pub shallow8: Option<Shallow>,
+    pub normalize: bool,
+}
+
+impl EmbedNet {
+    /// A head of `dim` outputs on a (pretrained) backbone.
+    pub fn new(backbone: Lite0, arch: Arch, dim: usize, normalize: bool, device: &Device) -> Self {
+        let (shallow4, shallow8, input) = match arch {
+            Arch::Lite0 => (None, None, FEATURE_DIM),
+            Arch::Multiscale => (
+                Some(Shallow::new(4, device)),
+                Some(Shallow::new(8, device)),
+                FEATURE_DIM + 2 * SHALLOW_CHANNELS,
+            ),
+        };
+        Self {
+            backbone,
+            head: LinearConfig::new(input, dim).init(device),
+            shallow4,
+            shallow8,
+            // The multiscale network is L2-normalised by definition.
+            normalize: normalize || arch == Arch::Multiscale,
+        }
+    }
+
+    pub fn is_multiscale(&self) -> bool {
+        self.shallow4.is_some()
+    }
+
+    /// The backbone from the input up to `level` (see the module docs).
+    pub fn prefix(&self, x: Tensor<4>, level: usize) -> LevelInput {
+        let (small4, small8) = if self.is_multiscale() {
+            (
+                Some(downsample(x.clone(), 4)),
+                Some(downsample(x.clone(), 8)),
+            )
+        } else {
+            (None, None)
+        };
+        let b = &self.backbone;
+        let trunk = if level == 0 {
+            x
+        } else {
+            let mut h = relu6(b.bn0.forward(b.conv_stem.forward(x)));
+            for blk in b.blocks.iter().take(level.min(16)) {
+                h = blk.forward(h);
+            }
+            if level >= POOLED_LEVEL {
+                let p = pool(relu6(b.bn1.forward(b.conv_head.forward(h))));
+                let [n, c] = p.dims();
+                p.reshape([n, c, 1, 1])
+            } else {
+                h
+            }
+        };
+        LevelInput {
+            trunk,
+            small4,
+            small8,
+        }
+    }
+
+    /// From the backbone's output at `level` to the embedding.
+    pub fn suffix(&self, input: LevelInput, level: usize) -> Tensor<2> {
+        let b = &self.backbone;
+        let pooled = if level >= POOLED_LEVEL {
+            let [n, c, _, _] = input.trunk.dims();
+            input.trunk.reshape([n, c])
+        } else {
+            let mut h = input.trunk;
+            if level == 0 {
+                h = relu6(b.bn0.forward(b.conv_stem.forward(h)));
+            }
+            for blk in b.blocks.iter().skip(level) {
+                h = blk.forward(h);
+            }
+            pool(relu6(b.bn1.forward(b.conv_head.forward(h))))
+        };
+        let features = match (&self.shallow4, &self.shallow8, input.small4, input.small8) {
+            (Some(s4), Some(s8), Some(x4), Some(x8)) => Tensor::cat(
+                vec![l2n(pooled), l2n(s4.forward(x4)), l2n(s8.forward(x8))],
+                1,
+            ),
+            _ => pooled,
+        };
+        let e = self.head.forward(features);
+        if self.normalize { l2n(e) } else { e }
+    }
+
+    /// Input image batch `[n, 3, s, s]` to embeddings `[n, dim]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.suffix(self.prefix(x, 0), 0)
+    }
+}
+
+fn pool(f: Tensor<4>) -> Tensor<2> {
+    let [n, c, _, _] = f.dims();
+    f.mean_dim(3).mean_dim(2).reshape([n, c])
+}

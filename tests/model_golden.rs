@@ -1,0 +1,114 @@
+//! The Rust EfficientNet-Lite0 against logits PyTorch computed from the same weights and inputs
+//! (tests/fixtures/make_golden.py), and the Rust decode + resize against PIL's.
+
+mod common;
+
+use deeprank::embed::Embedder;
+use deeprank::transform;
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let text = std::fs::read_to_string(common::fixtures().join("golden/logits.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn logits_match_pytorch() {
+    let fx = fixture();
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 12);
+    let w = common::weights();
+    for size in [64u32, 128, 224] {
+        let emb = Embedder::pretrained(Some(&w), size, false).unwrap();
+        let mine: Vec<&Value> = cases
+            .iter()
+            .filter(|c| c["size"].as_u64() == Some(size as u64))
+            .collect();
+        let n = mine.len();
+        let per = 3 * (size * size) as usize;
+        let mut buf = vec![0f32; n * per];
+        for (i, c) in mine.iter().enumerate() {
+            let png = common::fixtures()
+                .join("golden")
+                .join(c["input_png"].as_str().unwrap());
+            let img = transform::load_rgb(&png).unwrap();
+            assert_eq!(img.width(), size);
+            transform::normalise_chw(&img, &mut buf[i * per..(i + 1) * per]).unwrap();
+        }
+        let logits = emb.logits_batch(buf, n).unwrap();
+        for (i, c) in mine.iter().enumerate() {
+            let want: Vec<f32> = c["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let got = &logits[i * 1000..(i + 1) * 1000];
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let rel = err / scale;
+            assert!(
+                rel < 1e-3,
+                "{} at {size}px: max |Δlogit| / max |logit| = {rel:.2e}",
+                c["input_png"]
+            );
+            let top = got
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(
+                top as u64,
+                c["top5"][0].as_u64().unwrap(),
+                "top-1 class differs for {}",
+                c["input_png"]
+            );
+        }
+    }
+}
+
+#[test]
+fn decode_and_resize_match_pil() {
+    let fx = fixture();
+    for c in fx["cases"].as_array().unwrap() {
+        let size = c["size"].as_u64().unwrap() as u32;
+        let src =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(c["source"].as_str().unwrap());
+        let mine = transform::resize_rgb(&transform::load_rgb(&src).unwrap(), size).unwrap();
+        let pil = transform::load_rgb(
+            &common::fixtures()
+                .join("golden")
+                .join(c["input_png"].as_str().unwrap()),
+        )
+        .unwrap();
+        let diffs: Vec<i32> = mine
+            .as_raw()
+            .iter()
+            .zip(pil.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        let max = *diffs.iter().max().unwrap();
+        assert!(
+            mean < 0.5 && max <= 4,
+            "{}: mean |Δ| {mean:.3}, max {max} levels vs PIL",
+            c["input_png"]
+        );
+    }
+}
+
+#[test]
+fn classifier_recognises_sample_val_images() {
+    // ImageNet top-1 restricted to the 10 sample classes, on the 60 bundled val images at 128 px.
+    let ds =
+        deeprank::dataset::Dataset::open(&common::sample(), deeprank::dataset::Split::Val).unwrap();
+    let emb = Embedder::pretrained(Some(&common::weights()), 128, false).unwrap();
+    let wnids = common::fixtures().join("imagenet1k_wnids.txt");
+    let r = deeprank::eval::imagenet_top1(&emb, &ds, &wnids, 32).unwrap();
+    assert_eq!(r.images, 60);
+    assert!(r.top1 > 0.7, "top-1 on the sample val = {:.3}", r.top1);
+}
