@@ -13,6 +13,7 @@ pub mod index;
 pub mod model;
 pub mod query;
 pub mod sampler;
+pub mod serve;
 pub mod train;
 pub mod transform;
 pub mod weights;

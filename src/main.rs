@@ -129,6 +129,33 @@ enum Cmd {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
+    /// Serves visual search over HTTP: a web page at / and a JSON API.
+    Serve {
+        #[arg(long)]
+        db: PathBuf,
+        /// Model for uploads (must be the DB's; default: the DB's).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Largest upload in MB.
+        #[arg(long, default_value_t = 10.0)]
+        max_upload_mb: f64,
+        /// Largest image in megapixels (by its header, checked before decoding).
+        #[arg(long, default_value_t = 40.0)]
+        max_megapixels: f64,
+        /// Uploads waiting for the embedder at most; more get 503 + Retry-After.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Uploads embedded together at most.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Milliseconds the embedder waits to fill a batch.
+        #[arg(long, default_value_t = 3)]
+        batch_wait_ms: u64,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
     /// Fine-tunes the triplet network with the ranking loss (the seed's main.py).
     Train(Box<TrainArgs>),
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
@@ -365,6 +392,33 @@ fn run(cli: Cli) -> Result<()> {
                 s.run_dir.display(),
                 s.run_dir.display()
             );
+        }
+        Cmd::Serve {
+            db,
+            model,
+            addr,
+            max_upload_mb,
+            max_megapixels,
+            queue,
+            max_batch,
+            batch_wait_ms,
+            weights,
+        } => {
+            if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
+                bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
+            }
+            let db = Db::open(&db)?;
+            let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+            let opts = deeprank::serve::ServeOptions {
+                addr,
+                max_upload: (max_upload_mb * 1048576.0) as usize,
+                max_pixels: (max_megapixels * 1e6) as u64,
+                queue,
+                max_batch,
+                batch_wait: std::time::Duration::from_millis(batch_wait_ms),
+                ..Default::default()
+            };
+            deeprank::serve::serve(db, emb, opts)?;
         }
         Cmd::Demo {
             data,

@@ -43,7 +43,18 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
         .with_guessed_format()
         .map_err(ImageError::Io)?;
     match reader.format() {
-        Some(image::ImageFormat::Jpeg) | Some(image::ImageFormat::Png) => {}
+        Some(image::ImageFormat::Jpeg) => {
+            // The JPEG decoder fills a cut-off scan with grey instead of failing: require the
+            // end-of-image marker after the last start-of-scan.
+            let last_sos = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+            let ends = last_sos.is_some_and(|i| bytes[i..].windows(2).any(|w| w == [0xff, 0xd9]));
+            if !ends {
+                return Err(ImageError::Decode(
+                    "truncated JPEG (no end-of-image marker)".into(),
+                ));
+            }
+        }
+        Some(image::ImageFormat::Png) => {}
         _ => return Err(ImageError::UnknownFormat),
     }
     let (w, h) = ImageReader::new(Cursor::new(bytes))

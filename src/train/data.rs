@@ -12,6 +12,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// Mixes numbers into one seed (splitmix64 steps), so every sample's randomness depends only on
 /// (seed, epoch, step, slot) and a resumed run draws exactly what the interrupted one would have.
@@ -367,6 +368,73 @@ impl FeatureCache {
         }
         pb.finish_and_clear();
         Ok(cache)
+    }
+
+    /// Saves the cache (atomically) for reuse by later runs with the same inputs.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let header = serde_json::json!({
+            "views": self.views, "shape": self.shape, "small_sizes": self.small_sizes,
+            "row": self.row.iter().map(|&r| if r == usize::MAX { -1i64 } else { r as i64 }).collect::<Vec<_>>(),
+            "lens": [self.trunk.len(), self.small4.len(), self.small8.len()],
+        })
+        .to_string();
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        for v in [&self.trunk, &self.small4, &self.small8] {
+            for x in v.iter() {
+                f.write_all(&x.to_le_bytes())?;
+            }
+        }
+        f.flush()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Loads a cache written by [`FeatureCache::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let bad = || anyhow::anyhow!("{} is not a feature cache", path.display());
+        if bytes.len() < 8 {
+            return Err(bad());
+        }
+        let hl = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad())?) as usize;
+        let h: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + hl).ok_or_else(bad)?)?;
+        let get = |k: &str| h.get(k).cloned().ok_or_else(bad);
+        let views: usize = serde_json::from_value(get("views")?)?;
+        let shape: [usize; 3] = serde_json::from_value(get("shape")?)?;
+        let small_sizes: [usize; 2] = serde_json::from_value(get("small_sizes")?)?;
+        let row: Vec<i64> = serde_json::from_value(get("row")?)?;
+        let lens: [usize; 3] = serde_json::from_value(get("lens")?)?;
+        let floats = &bytes[8 + hl..];
+        if floats.len() != 4 * lens.iter().sum::<usize>() {
+            return Err(bad());
+        }
+        let mut all = floats
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut take = |n: usize| all.by_ref().take(n).collect::<Vec<f32>>();
+        let trunk = take(lens[0]);
+        let small4 = take(lens[1]);
+        let small8 = take(lens[2]);
+        Ok(Self {
+            views,
+            shape,
+            trunk,
+            small4,
+            small8,
+            small_sizes,
+            row: row
+                .into_iter()
+                .map(|r| if r < 0 { usize::MAX } else { r as usize })
+                .collect(),
+        })
     }
 
     fn entry(&self, s: &Slot) -> usize {

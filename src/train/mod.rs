@@ -606,6 +606,45 @@ pub fn load_run(run: &Path) -> Result<(TrainConfig, EmbedNet)> {
     Ok((cfg, net.valid()))
 }
 
+/// Identifies a feature cache: same images, weights, cut level, size, views and seed.
+fn cache_key(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    items: &[usize],
+    val: Option<&Validation>,
+) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let wpath = weights::resolve(cfg.weights.as_deref())?;
+    h.update(weights::sha256_file(&wpath)?.as_bytes());
+    h.update(
+        format!(
+            "{}|{}|{}|{}|{:?}|",
+            cfg.level(),
+            cfg.size,
+            cfg.views,
+            cfg.seed,
+            cfg.arch
+        )
+        .as_bytes(),
+    );
+    for &i in items {
+        let p = &ds.items[i].path;
+        let m = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        h.update(format!("{}:{m}\n", p.canonicalize().unwrap_or(p.clone()).display()).as_bytes());
+    }
+    if let Some(v) = val {
+        for &i in &v.items {
+            h.update(format!("v{}\n", v.ds.items[i].path.display()).as_bytes());
+        }
+    }
+    Ok(h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Options of one invocation that are not part of the run's identity.
 pub struct RunOptions {
     pub run_dir: PathBuf,
@@ -718,32 +757,64 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             );
         }
         let t0 = Instant::now();
-        let c = FeatureCache::build(
-            &model,
-            &train_ds,
-            &train_items_sorted,
-            level,
-            cfg.views,
-            cfg.size,
-            cfg.seed,
-            64,
-            "cache train",
-        )?;
-        if let Some(v) = val.as_mut() {
-            v.cache = Some(FeatureCache::build(
-                &model,
-                &v.ds,
-                &v.items,
-                level,
-                1,
-                cfg.size,
-                cfg.seed,
-                64,
-                "cache val",
-            )?);
-        }
+        let key = cache_key(&cfg, &train_ds, &train_items_sorted, val.as_ref())?;
+        let file = weights::home()
+            .join("cache")
+            .join(format!("features-{key}.bin"));
+        let vfile = weights::home()
+            .join("cache")
+            .join(format!("features-{key}-val.bin"));
+        let loaded = FeatureCache::load(&file)
+            .ok()
+            .and_then(|c| match val.as_mut() {
+                Some(v) => FeatureCache::load(&vfile).ok().map(|vc| {
+                    v.cache = Some(vc);
+                    c
+                }),
+                None => Some(c),
+            });
+        let c = match loaded {
+            Some(c) => {
+                eprintln!("reusing cached features from {}", file.display());
+                c
+            }
+            None => {
+                let c = FeatureCache::build(
+                    &model,
+                    &train_ds,
+                    &train_items_sorted,
+                    level,
+                    cfg.views,
+                    cfg.size,
+                    cfg.seed,
+                    64,
+                    "cache train",
+                )?;
+                if let Some(v) = val.as_mut() {
+                    v.cache = Some(FeatureCache::build(
+                        &model,
+                        &v.ds,
+                        &v.items,
+                        level,
+                        1,
+                        cfg.size,
+                        cfg.seed,
+                        64,
+                        "cache val",
+                    )?);
+                }
+                // Keep caches up to 2 GiB for later runs with the same data and cut (tuning runs).
+                if need <= 2 << 30 {
+                    c.save(&file)?;
+                    if let Some(vc) = val.as_ref().and_then(|v| v.cache.as_ref()) {
+                        vc.save(&vfile)?;
+                    }
+                }
+                c
+            }
+        };
         eprintln!(
-            "cached level-{level} features of {} images x {} views in {:.0}s ({:.2} GiB)",
+            "level-{level} features of {} images x {} views ready in {:.0}s ({:.2} GiB)",
             train_items.len(),
             cfg.views,
             t0.elapsed().as_secs_f64(),
