@@ -122,16 +122,17 @@ impl Embedder {
         })
     }
 
-    /// Builds the embedder a spec names.
+    /// Builds the embedder a spec names; `size` defaults to 128 px for the pretrained network and
+    /// to the training size for a run.
     pub fn from_spec(
         spec: &ModelSpec,
         weights_file: Option<&Path>,
-        size: u32,
+        size: Option<u32>,
         normalize: bool,
     ) -> Result<Self> {
         match spec {
-            ModelSpec::Pretrained => Self::pretrained(weights_file, size, normalize),
-            ModelSpec::Run(dir) => Self::trained(dir, Some(size)),
+            ModelSpec::Pretrained => Self::pretrained(weights_file, size.unwrap_or(128), normalize),
+            ModelSpec::Run(dir) => Self::trained(dir, size),
         }
     }
 

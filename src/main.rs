@@ -74,9 +74,9 @@ enum Cmd {
         /// `pretrained` (ImageNet EfficientNet-Lite0, pooled 1280-d features).
         #[arg(long, default_value = "pretrained")]
         model: String,
-        /// Input side in pixels (multiple of 32).
-        #[arg(long, default_value_t = 128)]
-        size: u32,
+        /// Input side in pixels, a multiple of 32 (default: 128, or a run's training size).
+        #[arg(long)]
+        size: Option<u32>,
         /// Also write the seed's text form: one image per line, path then the values.
         #[arg(long)]
         text: Option<PathBuf>,

@@ -40,7 +40,7 @@ pub fn embedder_for_db(db: &Db, model: Option<&str>, weights: Option<&Path>) -> 
             db.meta.model_source
         )
     })?;
-    let emb = Embedder::from_spec(&spec, weights, db.meta.size, db.meta.normalized)?;
+    let emb = Embedder::from_spec(&spec, weights, Some(db.meta.size), db.meta.normalized)?;
     check_compatible(db, &emb)?;
     Ok(emb)
 }

@@ -74,7 +74,18 @@ struct Counters {
     largest_batch: AtomicUsize,
 }
 
+/// Counts an admitted upload until its answer is sent.
+struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct AppState {
+    /// Uploads admitted and not yet answered (waiting, decoding or being embedded).
+    inflight: Arc<AtomicUsize>,
     db: Arc<Db>,
     jobs: SyncSender<Job>,
     size: u32,
@@ -391,6 +402,13 @@ async fn search_upload(
         Ok(t) => t,
         Err(r) => return client_error(&s, r),
     };
+    // Admission before any work: a full server answers 503 without reading or decoding.
+    let limit = s.opts.queue + s.opts.max_batch;
+    if s.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
+        s.inflight.fetch_sub(1, Ordering::AcqRel);
+        return busy(&s);
+    }
+    let _admitted = Admission(s.inflight.clone());
     let bytes = match upload_bytes(req, s.opts.max_upload).await {
         Ok(b) => b,
         Err(r) => return client_error(&s, r),
@@ -463,6 +481,17 @@ async fn search_upload(
     }
 }
 
+fn busy(s: &AppState) -> Response {
+    s.counters.busy.fetch_add(1, Ordering::Relaxed);
+    let mut r = err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is busy: retry shortly",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 async fn not_found() -> Response {
     err(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -487,7 +516,9 @@ pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
     query::check_compatible(&db, &emb)?;
     let db = Arc::new(db);
     let counters = Arc::new(Counters::default());
-    let (tx, rx) = sync_channel::<Job>(opts.queue.max(1));
+    // Admission (below) keeps at most queue + max_batch uploads in flight, so the channel never
+    // blocks; its capacity matches.
+    let (tx, rx) = sync_channel::<Job>(opts.queue.max(1) + opts.max_batch);
     let classes = db
         .entries
         .iter()
@@ -495,6 +526,7 @@ pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
         .collect::<std::collections::HashSet<_>>()
         .len();
     let state = Arc::new(AppState {
+        inflight: Arc::new(AtomicUsize::new(0)),
         db: db.clone(),
         jobs: tx,
         size: emb.size,
