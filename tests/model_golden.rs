@@ -112,3 +112,32 @@ fn classifier_recognises_sample_val_images() {
     assert_eq!(r.images, 60);
     assert!(r.top1 > 0.7, "top-1 on the sample val = {:.3}", r.top1);
 }
+
+#[test]
+fn safetensors_weights_load_like_the_pth() {
+    use burn::store::{ModuleSnapshot, SafetensorsStore};
+    let dev = deeprank::embed::device();
+    let w = common::weights();
+    let model = deeprank::weights::load_lite0(&w, &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("lite0.safetensors");
+    model
+        .save_into(&mut SafetensorsStore::from_file(&st))
+        .unwrap();
+    let a = Embedder::pretrained(Some(&w), 64, false).unwrap();
+    let b = Embedder::pretrained(Some(&st), 64, false).unwrap();
+    let img = transform::load_rgb(&common::sample().join("val/images/val_68.JPEG")).unwrap();
+    let mut x = vec![0f32; 3 * 64 * 64];
+    transform::normalise_chw(&img, &mut x).unwrap();
+    let la = a.logits_batch(x.clone(), 1).unwrap();
+    let lb = b.logits_batch(x, 1).unwrap();
+    let d = la
+        .iter()
+        .zip(&lb)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(d < 1e-5, "safetensors vs pth logits differ by {d}");
+    // Weights of another shape are refused with a message, not a panic.
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"garbage").unwrap();
+    assert!(deeprank::weights::load_lite0(&bad, &dev).is_err());
+}

@@ -431,3 +431,33 @@ fn bad_training_flags_are_refused_clearly() {
     assert_ne!(code, 0);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn unreadable_training_images_are_skipped_and_counted() {
+    common::weights();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::class_folders(&data, 3, 6);
+    std::fs::write(data.join("n01443537").join("broken.jpg"), b"not a jpeg").unwrap();
+    let run = dir.path().join("run");
+    let (code, _, err) = common::cli(&train_args(
+        run.to_str().unwrap(),
+        data.to_str().unwrap(),
+        &[
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "3",
+            "--batch",
+            "12",
+            "--per-class",
+            "3",
+        ],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("broken.jpg") && err.contains("skipped 1 unreadable images"),
+        "{err}"
+    );
+    assert_eq!(metrics(&run).len(), 1);
+}
