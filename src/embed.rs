@@ -64,20 +64,36 @@ static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
 pub fn set_device(name: &str) -> Result<()> {
     let dev = match name {
         "cpu" => Device::flex(),
-        #[cfg(feature = "gpu")]
-        "vulkan" | "gpu" => Device::vulkan(Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => Device::cuda(0),
-        "vulkan" | "gpu" | "cuda" => bail!(
-            "--device {name} needs a GPU build: cargo build --release --features {}",
-            if name == "cuda" { "cuda" } else { "gpu" }
-        ),
+        "vulkan" | "gpu" => gpu_device()?,
+        "cuda" => cuda_device()?,
         other => bail!("unknown --device {other:?}: use cpu, vulkan or cuda"),
     };
     if DEVICE.set(dev).is_err() {
         bail!("the compute device is already set");
     }
     Ok(())
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_device() -> Result<Device> {
+    Ok(Device::vulkan(Default::default()))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_device() -> Result<Device> {
+    bail!("--device vulkan needs a GPU build: cargo build --release --features gpu")
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    bail!(
+        "--device cuda needs a CUDA build: cargo build --release --features cuda (downloads burn's LLVM bundle)"
+    )
 }
 
 /// The device deeprank computes on (the CPU unless [`set_device`] chose another).

@@ -325,6 +325,8 @@ fn bad_flags_and_missing_folders_exit_non_zero_without_panic() {
         vec!["sample", "--data", "data/sample", "--n-pos", "0"],
         vec!["query", "--db", "/no/such/db"],
         vec!["frobnicate"],
+        vec!["--device", "vulkan", "weights", "path"],
+        vec!["--device", "tpu", "weights", "path"],
     ];
     for args in cases {
         let (code, _, err) = common::cli(&args);
