@@ -3,6 +3,7 @@
 //! The data path, one module per stage: [`dataset`] → [`sampler`] → [`transform`] → [`model`]
 //! ([`weights`]) → [`embed`] → [`db`] / [`index`] → [`query`] / [`eval`] ([`grid`]) → [`demo`].
 
+pub mod benchkit;
 pub mod dataset;
 pub mod db;
 pub mod demo;

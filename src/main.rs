@@ -158,6 +158,22 @@ enum Cmd {
     },
     /// Fine-tunes the triplet network with the ranking loss (the seed's main.py).
     Train(Box<TrainArgs>),
+    /// Times exact search over random vectors (bench/search.sh compares it with FAISS).
+    #[command(hide = true)]
+    BenchSearch {
+        #[arg(long, default_value = "/tmp/deeprank-bench/search")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 1)]
+        queries: usize,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify {
         /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
@@ -419,6 +435,21 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             deeprank::serve::serve(db, emb, opts)?;
+        }
+        Cmd::BenchSearch {
+            dir,
+            n,
+            dim,
+            queries,
+            k,
+            runs,
+        } => {
+            let (s, dbp, qp) = deeprank::benchkit::time_search(&dir, n, dim, queries, k, runs)?;
+            println!(
+                "RESULT deeprank_search n={n} dim={dim} queries={queries} k={k} seconds={s:.5} db={} q={}",
+                dbp.display(),
+                qp.display()
+            );
         }
         Cmd::Demo {
             data,

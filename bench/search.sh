@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Exact top-10 search, deeprank vs FAISS IndexFlatL2, side by side on the same random f32 vectors
+# (100k and 1M x 128; 1 and 1,000 queries; 2 threads each; best of 3). Needs faiss-cpu in $PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-bench/.venv/bin/python}
+export THREADS=${THREADS:-2}
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-target}/release/deeprank
+DIR=${DIR:-/tmp/deeprank-bench/search}
+echo "| DB | queries | deeprank s | FAISS s | ratio (FAISS time / deeprank time) |"
+echo "|---|---|---|---|---|"
+for n in 100000 1000000; do
+  for nq in 1 1000; do
+    line=$("$BIN" --threads "$THREADS" bench-search --dir "$DIR" --n "$n" --queries "$nq" --k 10 --runs 3)
+    d=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$line")
+    db=$(sed -n 's/.* db=\([^ ]*\).*/\1/p' <<<"$line")
+    q=$(sed -n 's/.* q=\([^ ]*\).*/\1/p' <<<"$line")
+    f=$("$PYTHON" bench/faiss_search.py "$db" "$q" 10 3 | sed -n 's/.*seconds=\([0-9.]*\).*/\1/p')
+    echo "| ${n} x 128 | $nq | $d | $f | $(python3 -c "print(f'{$f/$d:.2f}x')") |"
+  done
+done

@@ -1,0 +1,57 @@
+//! Measurement helpers for `bench/`: reproducible random vectors written as `.npy` (so the FAISS
+//! anchor reads the same arrays) and timed exact searches over them.
+
+use crate::db::{NpyMap, NpyWriter};
+use crate::index::search;
+use anyhow::Result;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Writes `rows × dim` uniform(−1, 1) f32 vectors to `path` unless it already exists.
+pub fn random_npy(path: &Path, rows: usize, dim: usize, seed: u64) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let mut w = NpyWriter::create(&tmp, dim)?;
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let mut row = vec![0f32; dim];
+    for _ in 0..rows {
+        for v in row.iter_mut() {
+            *v = r.random_range(-1.0..1.0);
+        }
+        w.push(&row)?;
+    }
+    w.finish()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Times exact top-`k` search of `nq` queries over `n × dim` vectors (best of `runs`).
+/// Returns (seconds, the files used).
+pub fn time_search(
+    dir: &Path,
+    n: usize,
+    dim: usize,
+    nq: usize,
+    k: usize,
+    runs: usize,
+) -> Result<(f64, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let dbp = dir.join(format!("db-{n}x{dim}.npy"));
+    let qp = dir.join(format!("q-{nq}x{dim}.npy"));
+    random_npy(&dbp, n, dim, 1)?;
+    random_npy(&qp, nq, dim, 2)?;
+    let db = NpyMap::open(&dbp)?;
+    let q = NpyMap::open(&qp)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let hits = search(db.data(), dim, q.data(), k, &|_, _| false);
+        best = best.min(t0.elapsed().as_secs_f64());
+        assert_eq!(hits.len(), nq);
+    }
+    Ok((best, dbp, qp))
+}
