@@ -55,3 +55,33 @@ pub fn time_search(
     }
     Ok((best, dbp, qp))
 }
+
+/// Times decode + resize + normalise of every image of `paths` to `size` (best of `runs`), with the
+/// images read into memory first so the disk is not measured. Returns seconds.
+pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
+    use rayon::prelude::*;
+    let bytes: Vec<Vec<u8>> = paths.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let per = 3 * (size as usize).pow(2);
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let ok = bytes
+            .par_iter()
+            .map(|b| -> Result<Vec<f32>> {
+                let img = crate::transform::decode_rgb(b, crate::transform::DEFAULT_MAX_PIXELS)?;
+                let img = crate::transform::resize_rgb(&img, size)?;
+                let mut v = vec![0f32; per];
+                crate::transform::normalise_chw(&img, &mut v)?;
+                Ok(v)
+            })
+            .filter(|r| r.is_ok())
+            .count();
+        best = best.min(t0.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            ok == bytes.len(),
+            "{} images failed to decode",
+            bytes.len() - ok
+        );
+    }
+    Ok(best)
+}

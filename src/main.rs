@@ -174,6 +174,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Times decode + resize + normalise of a dataset's images (bench/decode.sh compares it with PIL).
+    #[command(hide = true)]
+    BenchDecode {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify {
         /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
@@ -449,6 +459,16 @@ fn run(cli: Cli) -> Result<()> {
                 "RESULT deeprank_search n={n} dim={dim} queries={queries} k={k} seconds={s:.5} db={} q={}",
                 dbp.display(),
                 qp.display()
+            );
+        }
+        Cmd::BenchDecode { data, size, runs } => {
+            let ds = Dataset::open(&data, Split::Val)?;
+            let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+            let s = deeprank::benchkit::time_decode(&paths, size, runs)?;
+            println!(
+                "RESULT deeprank_decode images={} size={size} seconds={s:.4} img_per_s={:.0}",
+                paths.len(),
+                paths.len() as f64 / s
             );
         }
         Cmd::Demo {
