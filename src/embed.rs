@@ -103,7 +103,8 @@ pub fn device() -> Device {
 
 /// The network behind an embedder.
 enum Net {
-    Pretrained(Box<Lite0>),
+    /// The ImageNet network, and its BatchNorm-folded inference copy for the pooled features.
+    Pretrained(Box<Lite0>, Box<crate::fused::FusedLite0>),
     Trained(Box<crate::train::net::EmbedNet>),
 }
 
@@ -127,8 +128,10 @@ impl Embedder {
         let sha = weights::sha256_file(&path)?;
         let device = device();
         let model = weights::load_lite0(&path, &device)?;
+        let fused = crate::fused::FusedLite0::new(&model)?;
+        let fused_src = (model, fused);
         Ok(Self {
-            net: Net::Pretrained(Box::new(model)),
+            net: Net::Pretrained(Box::new(fused_src.0), Box::new(fused_src.1)),
             device,
             size,
             normalize,
@@ -193,7 +196,7 @@ impl Embedder {
         }
         let x = self.input(batch, n);
         let y = match &self.net {
-            Net::Pretrained(m) => m.pooled(x),
+            Net::Pretrained(_, f) => f.pooled(x),
             // A trained network applies its own normalisation.
             Net::Trained(m) => return to_vec(m.forward(x)),
         };
@@ -210,7 +213,7 @@ impl Embedder {
     pub fn logits_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
         let x = self.input(batch, n);
         match &self.net {
-            Net::Pretrained(m) => to_vec(m.logits(x)),
+            Net::Pretrained(m, _) => to_vec(m.logits(x)),
             Net::Trained(m) => to_vec(m.backbone.logits(x)),
         }
     }

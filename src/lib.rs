@@ -9,6 +9,7 @@ pub mod db;
 pub mod demo;
 pub mod embed;
 pub mod eval;
+pub mod fused;
 pub mod grid;
 pub mod index;
 pub mod model;
