@@ -238,7 +238,8 @@ impl Embedder {
     }
 }
 
-fn to_vec(t: Tensor<2>) -> Result<Vec<f32>> {
+/// A 2-d tensor's values, row-major.
+pub(crate) fn to_vec(t: Tensor<2>) -> Result<Vec<f32>> {
     t.into_data()
         .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("{e:?}"))

@@ -444,16 +444,7 @@ async fn search_upload(
         reply: tx,
     }) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            s.counters.busy.fetch_add(1, Ordering::Relaxed);
-            let mut r = err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is busy: retry shortly",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
-        }
+        Err(TrySendError::Full(_)) => return busy(&s),
         Err(TrySendError::Disconnected(_)) => {
             return err(
                 StatusCode::INTERNAL_SERVER_ERROR,

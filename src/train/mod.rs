@@ -9,7 +9,7 @@ pub mod net;
 pub mod plot;
 
 use crate::dataset::{Dataset, Split};
-use crate::embed::progress;
+use crate::embed::{progress, to_vec};
 use crate::eval::{Metrics, evaluate_vectors};
 use crate::sampler::{self, Triplet};
 use crate::{transform, weights};
@@ -418,12 +418,6 @@ fn readable(ds: &Dataset) -> (Vec<bool>, Vec<String>) {
         })
         .collect();
     (flags, skipped)
-}
-
-fn to_vec(t: Tensor<2>) -> Result<Vec<f32>> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))
 }
 
 /// Embeds `items` of `ds` with the model in inference mode (from the cache when there is one).
