@@ -101,11 +101,45 @@ pub fn device() -> Device {
     DEVICE.get().cloned().unwrap_or_else(Device::flex)
 }
 
+/// Whether deeprank computes on the CPU (burn's flex backend), where its own engine runs.
+pub fn on_cpu() -> bool {
+    DEVICE.get().is_none_or(|d| *d == Device::flex())
+}
+
+/// deeprank's CPU engine for `backbone` when computing on the CPU (None on other devices).
+pub fn cpu_engine(backbone: &Lite0) -> Result<Option<crate::engine::Engine>> {
+    Ok(if on_cpu() {
+        Some(crate::engine::Engine::new(backbone)?)
+    } else {
+        None
+    })
+}
+
+/// The fast inference copy of the pretrained network: deeprank's CPU engine, or on another
+/// device burn's network with BatchNorm folded.
+enum Fast {
+    Engine(crate::engine::Engine),
+    Fused(Box<crate::fused::FusedLite0>),
+}
+
+impl Fast {
+    fn new(m: &Lite0, cpu: bool) -> Result<Self> {
+        Ok(if cpu {
+            Fast::Engine(crate::engine::Engine::new(m)?)
+        } else {
+            Fast::Fused(Box::new(crate::fused::FusedLite0::new(m)?))
+        })
+    }
+}
+
 /// The network behind an embedder.
 enum Net {
     /// The ImageNet network, and its BatchNorm-folded inference copy for the pooled features.
-    Pretrained(Box<Lite0>, Box<crate::fused::FusedLite0>),
-    Trained(Box<crate::train::net::EmbedNet>),
+    Pretrained(Box<Lite0>, Box<Fast>),
+    Trained(
+        Box<crate::train::net::EmbedNet>,
+        Option<crate::engine::Engine>,
+    ),
 }
 
 /// A network ready to embed images of one input size.
@@ -128,10 +162,9 @@ impl Embedder {
         let sha = weights::sha256_file(&path)?;
         let device = device();
         let model = weights::load_lite0(&path, &device)?;
-        let fused = crate::fused::FusedLite0::new(&model)?;
-        let fused_src = (model, fused);
+        let fast = Fast::new(&model, on_cpu())?;
         Ok(Self {
-            net: Net::Pretrained(Box::new(fused_src.0), Box::new(fused_src.1)),
+            net: Net::Pretrained(Box::new(model), Box::new(fast)),
             device,
             size,
             normalize,
@@ -168,8 +201,9 @@ impl Embedder {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
             .unwrap_or_else(|| "run".into());
         let normalize = net.normalize;
+        let engine = cpu_engine(&net.backbone)?;
         Ok(Self {
-            net: Net::Trained(Box::new(net)),
+            net: Net::Trained(Box::new(net), engine),
             device: device(),
             size,
             normalize,
@@ -194,13 +228,17 @@ impl Embedder {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let x = self.input(batch, n);
-        let y = match &self.net {
-            Net::Pretrained(_, f) => f.pooled(x),
+        let mut out = match &self.net {
+            Net::Pretrained(_, fast) => match fast.as_ref() {
+                Fast::Engine(e) => e.pooled(&batch, n, self.size as usize),
+                Fast::Fused(f) => to_vec(f.pooled(self.input(batch, n)))?,
+            },
             // A trained network applies its own normalisation.
-            Net::Trained(m) => return to_vec(m.forward(x)),
+            Net::Trained(m, e) => {
+                let s = self.size as usize;
+                return to_vec(m.embed_host(e.as_ref(), batch, n, s, &self.device));
+            }
         };
-        let mut out = to_vec(y)?;
         if self.normalize {
             for row in out.chunks_exact_mut(self.dim) {
                 l2_normalize(row);
@@ -214,7 +252,7 @@ impl Embedder {
         let x = self.input(batch, n);
         match &self.net {
             Net::Pretrained(m, _) => to_vec(m.logits(x)),
-            Net::Trained(m) => to_vec(m.backbone.logits(x)),
+            Net::Trained(m, _) => to_vec(m.backbone.logits(x)),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod db;
 pub mod demo;
 pub mod embed;
+pub mod engine;
 pub mod eval;
 pub mod fused;
 pub mod grid;

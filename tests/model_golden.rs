@@ -185,3 +185,66 @@ fn folded_batchnorm_path_matches_the_plain_network() {
         );
     }
 }
+
+/// Real images and a random image at `size` px, `[3][3][size][size]`.
+fn mixed_inputs(size: usize) -> Vec<f32> {
+    let mut x = Vec::new();
+    for f in ["val_68.JPEG", "val_8.JPEG"] {
+        let img = transform::resize_rgb(
+            &transform::load_rgb(&common::sample().join("val/images").join(f)).unwrap(),
+            size as u32,
+        )
+        .unwrap();
+        let mut v = vec![0f32; 3 * size * size];
+        transform::normalise_chw(&img, &mut v).unwrap();
+        x.extend(v);
+    }
+    let mut s = 7u32;
+    x.extend((0..3 * size * size).map(|_| {
+        s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+        (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+    }));
+    x
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    err / scale
+}
+
+#[test]
+fn cpu_engine_matches_the_plain_network() {
+    use deeprank::engine::{Engine, Output};
+    use deeprank::train::net::{Arch, EmbedNet};
+    let dev = deeprank::embed::device();
+    let model = deeprank::weights::load_lite0(&common::weights(), &dev).unwrap();
+    let engine = Engine::new(&model).unwrap();
+    for size in [64usize, 96, 128] {
+        let x = mixed_inputs(size);
+        let t = || {
+            burn::tensor::Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(x.clone(), [3, 3, size, size]),
+                &dev,
+            )
+        };
+        let a = model.pooled(t()).into_data().try_to_vec::<f32>().unwrap();
+        let b = engine.pooled(&x, 3, size);
+        let e = rel_err(&a, &b);
+        assert!(e < 1e-4, "{size}px pooled: max |Δ| / max = {e:.2e}");
+        // Every cut level the trainer caches (block outputs, NCHW).
+        let net = EmbedNet::new(model.clone(), Arch::Lite0, 8, true, &dev);
+        for level in [1usize, 2, 5, 9, 16] {
+            let a = net
+                .prefix(t(), level)
+                .trunk
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let b = engine.run(&x, 3, size, Output::Blocks(level));
+            let e = rel_err(&a, &b);
+            assert!(e < 1e-4, "{size}px level {level}: max |Δ| / max = {e:.2e}");
+        }
+    }
+}

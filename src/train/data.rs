@@ -5,7 +5,7 @@ use crate::dataset::Dataset;
 use crate::sampler::Triplet;
 use crate::train::net::{EmbedNet, LevelInput};
 use crate::transform;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use image::RgbImage;
 use rand::{RngExt, SeedableRng};
@@ -339,10 +339,18 @@ impl FeatureCache {
             .collect();
         let pb = crate::embed::progress(slots.len(), label);
         let s = size as usize;
-        for chunk in slots.chunks(batch.max(1)) {
-            let buf = load_batch(ds, chunk, size, &[seed, 3], false)?;
-            let x = Tensor::<4>::from_data(TensorData::new(buf, [chunk.len(), 3, s, s]), &dev);
-            let out = model.prefix(x, level);
+        let engine = crate::embed::cpu_engine(&model.backbone)?;
+        let chunks: Vec<&[Slot]> = slots.chunks(batch.max(1)).collect();
+        let load = |c: &[Slot]| load_batch(ds, c, size, &[seed, 3], false);
+        let mut pending = chunks.first().map(|c| load(c));
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let buf = pending.take().context("decoded batch")??;
+            // Decode batch i+1 while the network runs on batch i.
+            let (out, next) = rayon::join(
+                || model.prefix_host(engine.as_ref(), buf, chunk.len(), s, level, &dev),
+                || chunks.get(ci + 1).map(|c| load(c)),
+            );
+            pending = next;
             let [_, c, h, w] = out.trunk.dims();
             cache.shape = [c, h, w];
             cache.trunk.extend(

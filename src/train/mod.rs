@@ -435,14 +435,17 @@ fn embed_items(
     let mut out = Vec::with_capacity(items.len() * cfg.dim);
     let pb = progress(items.len(), label);
     let bs = if cache.is_some() { 256 } else { 64 };
+    let engine = match cache {
+        Some(_) => None,
+        None => crate::embed::cpu_engine(&model.backbone)?,
+    };
     for chunk in items.chunks(bs) {
         let slots: Vec<Slot> = chunk.iter().map(|&item| Slot { item, view: 0 }).collect();
         let e = match cache {
             Some(c) => model.suffix(c.gather(&slots, &dev), level),
             None => {
                 let buf = data::load_batch(ds, &slots, cfg.size, &[], false)?;
-                let x = Tensor::from_data(TensorData::new(buf, [chunk.len(), 3, s, s]), &dev);
-                model.forward(x)
+                model.embed_host(engine.as_ref(), buf, chunk.len(), s, &dev)
             }
         };
         out.extend(to_vec(e)?);
