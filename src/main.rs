@@ -184,6 +184,24 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Times the training step (bench/train_step.sh compares it with PyTorch): the seed recipe's
+    /// network and optimiser (full fine-tuning, BatchNorm in training mode) on a fixed batch of the
+    /// first 3 × TRIPLETS images of a dataset.
+    #[command(hide = true)]
+    BenchTrain {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 16)]
+        triplets: usize,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify {
         /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
@@ -469,6 +487,38 @@ fn run(cli: Cli) -> Result<()> {
                 "RESULT deeprank_decode images={} size={size} seconds={s:.4} img_per_s={:.0}",
                 paths.len(),
                 paths.len() as f64 / s
+            );
+        }
+        Cmd::BenchTrain {
+            data,
+            size,
+            triplets,
+            dim,
+            warmup,
+            steps,
+        } => {
+            let ds = Dataset::open(&data, Split::Val)?;
+            let paths: Vec<PathBuf> = ds
+                .items
+                .iter()
+                .take(3 * triplets)
+                .map(|i| i.path.clone())
+                .collect();
+            let (buf, ok, skipped) = deeprank::embed::decode_batch(&paths, size);
+            if ok.len() < 3 * triplets || !skipped.is_empty() {
+                anyhow::bail!(
+                    "bench-train needs {} decodable images in {}",
+                    3 * triplets,
+                    data.display()
+                );
+            }
+            let mut cfg = deeprank::train::TrainConfig::recipe(deeprank::train::Recipe::Seed, data);
+            cfg.size = size;
+            cfg.dim = dim;
+            let (sec, loss) = deeprank::train::time_steps(&cfg, buf, triplets, warmup, steps)?;
+            println!(
+                "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.4} img_per_s={:.1} loss={loss:.4}",
+                (3 * triplets) as f64 / sec
             );
         }
         Cmd::Demo {

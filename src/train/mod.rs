@@ -1051,3 +1051,47 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         skipped_images: skipped.len(),
     })
 }
+
+/// Times the trainer's own step for `bench/`: `triplets` (q, p, n) triplets from `batch`
+/// (`3·triplets` normalised images, q's then p's then n's), forward, ranking loss, backward,
+/// optimiser update, with the config's freezing and BatchNorm mode. Runs `warmup` untimed steps,
+/// then `steps`; returns the mean seconds per timed step and the last loss.
+pub fn time_steps(
+    cfg: &TrainConfig,
+    batch: Vec<f32>,
+    triplets: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<(f64, f32)> {
+    cfg.validate()?;
+    let ad = crate::embed::device().autodiff();
+    let mut model = apply_freeze(build_net(cfg, &ad)?, cfg)?;
+    let mut optim = optimizer(cfg);
+    let level = cfg.level();
+    let s = cfg.size as usize;
+    let n = 3 * triplets;
+    if batch.len() != n * 3 * s * s {
+        bail!(
+            "the batch holds {} values, not 3·{triplets} images of {s} px",
+            batch.len()
+        );
+    }
+    let mut t = 0.0;
+    let mut last = f32::NAN;
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let x = Tensor::from_data(TensorData::new(batch.clone(), [n, 3, s, s]), &ad);
+        let emb = model.suffix(model.prefix(x, level), level);
+        let q = emb.clone().narrow(0, 0, triplets);
+        let p = emb.clone().narrow(0, triplets, triplets);
+        let ng = emb.narrow(0, 2 * triplets, triplets);
+        let loss = loss::ranking_loss(loss::row_dist(q.clone(), p), loss::row_dist(q, ng), cfg.gap);
+        last = loss.clone().into_scalar();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr_policy(cfg, 1.0)?, model, grads);
+        if i >= warmup {
+            t += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok((t / steps.max(1) as f64, last))
+}
