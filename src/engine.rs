@@ -164,33 +164,42 @@ impl Depthwise {
             stride: self.stride,
             wt: &self.w,
             bias: &self.b,
+            relu6: true,
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { dw_avx512(&a, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                return unsafe { dw_avx2(&a, out) };
-            }
-        }
-        dw_generic::<false>(&a, out)
+        depthwise(&a, out)
     }
 }
 
-struct DwArgs<'a> {
-    x: &'a [f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    k: usize,
-    stride: usize,
-    wt: &'a [f32],
-    bias: &'a [f32],
+/// Depthwise convolution of one `[h][w][c]` image into `[ho][wo][c]` (padding k/2), with the CPU's
+/// widest vector instructions.
+pub(crate) fn depthwise(a: &DwArgs, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { dw_avx512(a, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { dw_avx2(a, out) };
+        }
+    }
+    dw_generic::<false>(a, out)
+}
+
+pub(crate) struct DwArgs<'a> {
+    pub x: &'a [f32],
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub stride: usize,
+    /// Tap-major weights `[k·k][c]`.
+    pub wt: &'a [f32],
+    pub bias: &'a [f32],
+    /// Clamp the outputs to [0, 6] (ReLU6).
+    pub relu6: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -236,8 +245,12 @@ fn dw_pixel<const CB: usize, const FMA: bool>(
         }
     }
     let o = &mut out[..CB];
-    for t in 0..CB {
-        o[t] = acc[t].clamp(0.0, 6.0);
+    if a.relu6 {
+        for t in 0..CB {
+            o[t] = acc[t].clamp(0.0, 6.0);
+        }
+    } else {
+        o.copy_from_slice(&acc);
     }
 }
 
@@ -321,6 +334,8 @@ pub enum Output {
     Pooled,
     /// The output of the first `n` MBConv blocks (stem included), `[c][h][w]` like burn's NCHW.
     Blocks(usize),
+    /// The same, channels last: `[h][w][c]`.
+    BlocksNhwc(usize),
 }
 
 impl Engine {
@@ -356,7 +371,7 @@ impl Engine {
     pub fn output_shape(&self, side: usize, output: Output) -> [usize; 3] {
         match output {
             Output::Pooled => [FEATURE_DIM, 1, 1],
-            Output::Blocks(n) => {
+            Output::Blocks(n) | Output::BlocksNhwc(n) => {
                 let mut s = side / 2;
                 let mut c = self.stem.cout;
                 for b in self.blocks.iter().take(n) {
@@ -442,7 +457,7 @@ impl Engine {
         let (mut h, mut c) = (ho, self.stem.cout);
         let nblocks = match output {
             Output::Pooled => self.blocks.len(),
-            Output::Blocks(n) => n.min(self.blocks.len()),
+            Output::Blocks(n) | Output::BlocksNhwc(n) => n.min(self.blocks.len()),
         };
         for blk in &self.blocks[..nblocks] {
             let px = h * h;
@@ -469,6 +484,7 @@ impl Engine {
         }
 
         match output {
+            Output::BlocksNhwc(_) => out.copy_from_slice(&s.a[..h * h * c]),
             Output::Blocks(_) => {
                 // NHWC → NCHW.
                 let px = h * h;

@@ -461,3 +461,223 @@ fn unreadable_training_images_are_skipped_and_counted() {
     );
     assert_eq!(metrics(&run).len(), 1);
 }
+
+/// Gradients (and BatchNorm running averages) of one step through deeprank's own backbone pass
+/// (`train::fast`) against burn's autodiff of the same network: full fine-tuning with frozen
+/// BatchNorm (every convolution, depthwise and ReLU6 backward; relative error ~1e-6 measured, 1e-4
+/// allowed), full and partial fine-tuning with BatchNorm in training mode (~1e-5 in the upper
+/// blocks; up to ~2e-3 below block 5, where a ReLU6 input within rounding of 0 or 6 falls on the
+/// other side of the mask and the batch-statistics backward amplifies it; 1e-2 allowed, still far
+/// below what a wrong formula gives), and a frozen prefix.
+#[test]
+fn fast_backbone_pass_matches_burns_autodiff() {
+    use burn::prelude::*;
+    use deeprank::train::net::POOLED_LEVEL;
+    use deeprank::train::{BnMode, Recipe, TrainConfig, apply_freeze, build_net, fast, loss};
+
+    let w = common::weights();
+    let size = 64usize;
+    let images: Vec<std::path::PathBuf> = std::fs::read_dir(common::sample().join("val/images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .take(6)
+        .collect();
+    let (buf, ok, _) = deeprank::embed::decode_batch(&images, size as u32);
+    assert_eq!(ok.iter().filter(|&&o| o).count(), 6);
+    let ad = deeprank::embed::device().autodiff();
+
+    for (freeze, bn) in [
+        (0usize, BnMode::Frozen),
+        (0, BnMode::Train),
+        (9, BnMode::Frozen),
+        (16, BnMode::Train),
+    ] {
+        let tol = if bn == BnMode::Train { 1e-2 } else { 1e-4 };
+        let mut cfg = TrainConfig::recipe(Recipe::Seed, common::sample());
+        cfg.weights = Some(w.clone());
+        cfg.size = size as u32;
+        cfg.dim = 16;
+        cfg.freeze_blocks = freeze;
+        cfg.bn = bn;
+        let level = cfg.level();
+        let step = |fast_path: bool| {
+            let model = apply_freeze(build_net(&cfg, &ad).unwrap(), &cfg).unwrap();
+            let mut pending = None;
+            let emb = if fast_path {
+                let (input, p) = fast::prefix(
+                    &model,
+                    buf.clone(),
+                    6,
+                    size,
+                    level,
+                    bn == BnMode::Train,
+                    &ad,
+                )
+                .unwrap();
+                pending = Some(p);
+                model.suffix(input, POOLED_LEVEL)
+            } else {
+                let x =
+                    Tensor::<4>::from_data(TensorData::new(buf.clone(), [6, 3, size, size]), &ad);
+                model.suffix(model.prefix(x, level), level)
+            };
+            let q = emb.clone().narrow(0, 0, 2);
+            let p = emb.clone().narrow(0, 2, 2);
+            let n = emb.narrow(0, 4, 2);
+            let l = loss::ranking_loss(loss::row_dist(q.clone(), p), loss::row_dist(q, n), 1.0);
+            let lv: f32 = l.clone().into_scalar();
+            let g = l.backward();
+            let grads = match pending {
+                Some(p) => p.gradients(g, &model).unwrap(),
+                None => burn::optim::GradientsParams::from_grads(g, &model),
+            };
+            (model, grads, lv)
+        };
+        let (m_fast, g_fast, l_fast) = step(true);
+        let (m_burn, g_burn, l_burn) = step(false);
+        assert!(l_burn > 0.0, "the test needs a non-zero loss");
+        assert!(
+            (l_fast - l_burn).abs() <= 1e-4 * l_burn.abs().max(1.0),
+            "freeze {freeze}: loss {l_fast} vs {l_burn}"
+        );
+        let vals = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+        let vals4 = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        let close = |a: &[f32], b: &[f32], what: &str, tol: f32| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            // Absolute floor: some gradients are zero in exact arithmetic (a β whose shift the
+            // next training-mode BatchNorm removes) and only rounding noise here.
+            assert!(
+                err <= tol * scale + 1e-6,
+                "freeze {freeze} {what}: max |Δ| {err:.3e}, scale {scale:.3e}"
+            );
+            scale
+        };
+        // Every trainable backbone tensor, and the head.
+        let bb = &m_burn.backbone;
+        let fb = &m_fast.backbone;
+        let mut checked = 0;
+        let mut nonzero = 0;
+        let mut convs = vec![(
+            &bb.conv_head,
+            &fb.conv_head,
+            &bb.bn1,
+            &fb.bn1,
+            "head".to_string(),
+        )];
+        if freeze == 0 {
+            convs.push((
+                &bb.conv_stem,
+                &fb.conv_stem,
+                &bb.bn0,
+                &fb.bn0,
+                "stem".into(),
+            ));
+        }
+        for (i, (b, f)) in bb
+            .blocks
+            .iter()
+            .zip(&fb.blocks)
+            .enumerate()
+            .skip(level.min(16))
+        {
+            if let (Some(c), Some(fc), Some(n), Some(fnn)) =
+                (&b.expand_conv, &f.expand_conv, &b.bn0, &f.bn0)
+            {
+                convs.push((c, fc, n, fnn, format!("block {i} expand")));
+            }
+            convs.push((
+                &b.depthwise_conv,
+                &f.depthwise_conv,
+                &b.bn1,
+                &f.bn1,
+                format!("block {i} depthwise"),
+            ));
+            convs.push((
+                &b.project_conv,
+                &f.project_conv,
+                &b.bn2,
+                &f.bn2,
+                format!("block {i} project"),
+            ));
+        }
+        for (c, fc, n, fnn, what) in convs {
+            let gb = vals4(
+                g_burn
+                    .get::<4>(c.weight.id)
+                    .unwrap_or_else(|| panic!("{what}: no burn grad")),
+            );
+            let gf = vals4(
+                g_fast
+                    .get::<4>(fc.weight.id)
+                    .unwrap_or_else(|| panic!("{what}: no fast grad")),
+            );
+            if close(&gf, &gb, &format!("{what} weight"), tol) > 0.0 {
+                nonzero += 1;
+            }
+            for (pb, pf, name) in [
+                (&n.gamma, &fnn.gamma, "gamma"),
+                (&n.beta, &fnn.beta, "beta"),
+            ] {
+                let gb = vals(g_burn.get::<1>(pb.id).unwrap());
+                let gf = vals(g_fast.get::<1>(pf.id).unwrap());
+                close(&gf, &gb, &format!("{what} {name}"), tol);
+            }
+            if bn == BnMode::Train {
+                close(
+                    &vals(fnn.running_mean.value()),
+                    &vals(n.running_mean.value()),
+                    &format!("{what} running mean"),
+                    1e-4,
+                );
+                close(
+                    &vals(fnn.running_var.value()),
+                    &vals(n.running_var.value()),
+                    &format!("{what} running var"),
+                    1e-4,
+                );
+            }
+            checked += 1;
+        }
+        let hb = m_burn
+            .head
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let hf = m_fast
+            .head
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        close(&hf, &hb, "head init", 0.0);
+        let gb = g_burn
+            .get::<2>(m_burn.head.weight.id)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let gf = g_fast
+            .get::<2>(m_fast.head.weight.id)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        close(&gf, &gb, "embedding head weight", 1e-3);
+        assert!(
+            checked >= 1 && nonzero >= 1,
+            "freeze {freeze}: nothing compared"
+        );
+        // Nothing frozen got a gradient.
+        assert_eq!(
+            g_fast
+                .get::<4>(fb.blocks[0].depthwise_conv.weight.id)
+                .is_some(),
+            freeze == 0
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fast;
 pub mod loss;
 pub mod net;
 pub mod plot;
@@ -330,7 +331,7 @@ fn frozen_patterns(level: usize) -> Vec<String> {
 
 /// Freezes the prefix; with frozen BatchNorm, the rest of the backbone keeps running statistics
 /// while its weights train.
-fn apply_freeze(model: EmbedNet, cfg: &TrainConfig) -> Result<EmbedNet> {
+pub fn apply_freeze(model: EmbedNet, cfg: &TrainConfig) -> Result<EmbedNet> {
     let level = cfg.level();
     let mut model = model.freeze_group(group(frozen_patterns(level))?);
     if cfg.bn == BnMode::Frozen && level < POOLED_LEVEL {
@@ -867,7 +868,6 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         Sampling::File => file.len().div_ceil(cfg.batch),
         _ => idx.images().div_ceil(cfg.batch),
     });
-    let s = cfg.size as usize;
     while state.epoch < cfg.epochs {
         let epoch = state.epoch;
         let pb = progress(
@@ -893,8 +893,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let slots = match &plan {
                 StepPlan::Triplets(s) | StepPlan::Mining(s, _) => s.clone(),
             };
-            let input = match &cache {
-                Some(c) => c.gather(&slots, &ad),
+            let mut pending = None;
+            let (input, from) = match &cache {
+                Some(c) => (c.gather(&slots, &ad), level),
                 None => {
                     let buf = data::load_batch(
                         &train_ds,
@@ -903,11 +904,10 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                         &[cfg.seed, 4, epoch as u64, step as u64],
                         true,
                     )?;
-                    let x = Tensor::from_data(TensorData::new(buf, [slots.len(), 3, s, s]), &ad);
-                    model.prefix(x, level)
+                    step_input(&model, &cfg, buf, slots.len(), &ad, &mut pending)?
                 }
             };
-            let emb = model.suffix(input, level);
+            let emb = model.suffix(input, from);
             let (loss, acc, n_triplets) = match &plan {
                 StepPlan::Triplets(sl) => {
                     let b = sl.len() / 3;
@@ -956,7 +956,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     ckpt_path.display()
                 );
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = step_gradients(loss.backward(), &model, pending)?;
             model = optim.step(lr_policy(&cfg, state.lr_scale)?, model, grads);
             state.accum.loss += lv as f64;
             state.accum.accuracy += acc as f64;
@@ -1052,6 +1052,46 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     })
 }
 
+/// Whether training steps run the backbone through deeprank's own CPU pass ([`fast`]) rather than
+/// burn's autodiff: on the CPU, unless `DEEPRANK_TRAIN_ENGINE=burn`.
+pub fn fast_backbone() -> bool {
+    crate::embed::on_cpu() && std::env::var("DEEPRANK_TRAIN_ENGINE").map_or(true, |v| v != "burn")
+}
+
+/// The level input of a step from a decoded batch (`[n][3][s][s]`): through [`fast`] when it
+/// applies (then `pending` holds its backward pass), else burn's graph. Returns the input and the
+/// level it is at.
+fn step_input(
+    model: &EmbedNet,
+    cfg: &TrainConfig,
+    buf: Vec<f32>,
+    n: usize,
+    ad: &Device,
+    pending: &mut Option<fast::Pending>,
+) -> Result<(net::LevelInput, usize)> {
+    let level = cfg.level();
+    let s = cfg.size as usize;
+    if level < POOLED_LEVEL && fast_backbone() {
+        let (input, p) = fast::prefix(model, buf, n, s, level, cfg.bn == BnMode::Train, ad)?;
+        *pending = Some(p);
+        return Ok((input, POOLED_LEVEL));
+    }
+    let x = Tensor::from_data(TensorData::new(buf, [n, 3, s, s]), ad);
+    Ok((model.prefix(x, level), level))
+}
+
+/// The parameters' gradients of a step (burn's, plus [`fast`]'s backbone gradients).
+fn step_gradients(
+    g: burn::tensor::Gradients,
+    model: &EmbedNet,
+    pending: Option<fast::Pending>,
+) -> Result<GradientsParams> {
+    match pending {
+        Some(p) => p.gradients(g, model),
+        None => Ok(GradientsParams::from_grads(g, model)),
+    }
+}
+
 /// Times the trainer's own step for `bench/`: `triplets` (q, p, n) triplets from `batch`
 /// (`3·triplets` normalised images, q's then p's then n's), forward, ranking loss, backward,
 /// optimiser update, with the config's freezing and BatchNorm mode. Runs `warmup` untimed steps,
@@ -1067,7 +1107,6 @@ pub fn time_steps(
     let ad = crate::embed::device().autodiff();
     let mut model = apply_freeze(build_net(cfg, &ad)?, cfg)?;
     let mut optim = optimizer(cfg);
-    let level = cfg.level();
     let s = cfg.size as usize;
     let n = 3 * triplets;
     if batch.len() != n * 3 * s * s {
@@ -1080,14 +1119,15 @@ pub fn time_steps(
     let mut last = f32::NAN;
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let x = Tensor::from_data(TensorData::new(batch.clone(), [n, 3, s, s]), &ad);
-        let emb = model.suffix(model.prefix(x, level), level);
+        let mut pending = None;
+        let (input, from) = step_input(&model, cfg, batch.clone(), n, &ad, &mut pending)?;
+        let emb = model.suffix(input, from);
         let q = emb.clone().narrow(0, 0, triplets);
         let p = emb.clone().narrow(0, triplets, triplets);
         let ng = emb.narrow(0, 2 * triplets, triplets);
         let loss = loss::ranking_loss(loss::row_dist(q.clone(), p), loss::row_dist(q, ng), cfg.gap);
         last = loss.clone().into_scalar();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = step_gradients(loss.backward(), &model, pending)?;
         model = optim.step(lr_policy(cfg, 1.0)?, model, grads);
         if i >= warmup {
             t += t0.elapsed().as_secs_f64();

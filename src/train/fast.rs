@@ -1,0 +1,916 @@
+//! deeprank's own CPU training pass for the EfficientNet-Lite0 backbone: forward with the
+//! activations kept, and the backward pass by hand, channels-last, each layer over the whole batch
+//! (BatchNorm needs the batch's statistics): 1×1 convolutions and their gradients as threaded
+//! matrix products, depthwise convolutions forward and backward as channel-vector loops threaded over
+//! images, BatchNorm (batch statistics or frozen running statistics) and ReLU6 as threaded row passes.
+//!
+//! The rest of the step stays in burn: the backbone's pooled features enter burn's graph as a leaf
+//! tensor, burn runs the head and the ranking loss and hands back the leaf's gradient, and this module
+//! turns it into the backbone parameters' gradients, registered with burn's optimiser like any
+//! other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
+//! the same network within float rounding (tested in `tests/train.rs`).
+
+use crate::engine::{self, DwArgs, Engine, Output};
+use crate::model::Lite0;
+use crate::train::net::{EmbedNet, LevelInput, POOLED_LEVEL, downsample};
+use anyhow::{Result, anyhow, bail};
+use burn::module::ParamId;
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::Gradients;
+use rayon::prelude::*;
+
+fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow!("{e:?}"))
+}
+
+/// Rows per task of the threaded row passes.
+const ROWS_PER_TASK: usize = 512;
+
+struct Bn {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    eps: f32,
+    momentum: f32,
+    gamma_id: ParamId,
+    beta_id: ParamId,
+}
+
+impl Bn {
+    fn read(bn: &BatchNorm) -> Result<Self> {
+        Ok(Self {
+            gamma: host(bn.gamma.val())?,
+            beta: host(bn.beta.val())?,
+            mean: host(bn.running_mean.value())?,
+            var: host(bn.running_var.value())?,
+            eps: bn.epsilon as f32,
+            momentum: bn.momentum as f32,
+            gamma_id: bn.gamma.id,
+            beta_id: bn.beta.id,
+        })
+    }
+}
+
+/// A convolution and the BatchNorm after it. Weights `[cout][cin·k·k]` (burn's order), or for a
+/// depthwise convolution tap-major `[k·k][c]`.
+struct Conv {
+    w: Vec<f32>,
+    id: ParamId,
+    dims: [usize; 4],
+    stride: usize,
+    depthwise: bool,
+    bn: Bn,
+}
+
+impl Conv {
+    fn read(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
+        let w = conv.weight.val();
+        let dims = w.dims();
+        let mut w = host(w)?;
+        let depthwise = dims[1] == 1 && dims[0] > 1 && dims[2] > 1;
+        if depthwise {
+            let (c, kk) = (dims[0], dims[2] * dims[3]);
+            let mut t = vec![0f32; c * kk];
+            for ch in 0..c {
+                for tap in 0..kk {
+                    t[tap * c + ch] = w[ch * kk + tap];
+                }
+            }
+            w = t;
+        }
+        Ok(Self {
+            w,
+            id: conv.weight.id,
+            dims,
+            stride: conv.stride[0],
+            depthwise,
+            bn: Bn::read(bn)?,
+        })
+    }
+
+    fn cout(&self) -> usize {
+        self.dims[0]
+    }
+
+    fn cin(&self) -> usize {
+        self.dims[1] * self.dims[2] * self.dims[3]
+    }
+
+    fn out_side(&self, side: usize) -> usize {
+        let k = self.dims[2];
+        (side + 2 * (k / 2) - k) / self.stride + 1
+    }
+
+    /// The weight gradient in burn's layout.
+    fn weight_grad(&self, g: Vec<f32>) -> Tensor<4> {
+        let g = if self.depthwise {
+            let (c, kk) = (self.dims[0], self.dims[2] * self.dims[3]);
+            let mut t = vec![0f32; c * kk];
+            for tap in 0..kk {
+                for ch in 0..c {
+                    t[ch * kk + tap] = g[tap * c + ch];
+                }
+            }
+            t
+        } else {
+            g
+        };
+        Tensor::from_data(TensorData::new(g, self.dims), &crate::embed::device())
+    }
+}
+
+struct Block {
+    expand: Option<Conv>,
+    dw: Conv,
+    project: Conv,
+    residual: bool,
+}
+
+/// What a BatchNorm layer keeps for the backward pass.
+struct NormTape {
+    xhat: Vec<f32>,
+    invstd: Vec<f32>,
+    /// Batch statistics (training mode), for the running averages.
+    batch: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+struct BlockTape {
+    x: Vec<f32>,
+    a1: Option<Vec<f32>>,
+    a2: Vec<f32>,
+    t1: Option<NormTape>,
+    t2: NormTape,
+    t3: NormTape,
+    side_in: usize,
+    side_out: usize,
+}
+
+/// The trainable part of a backbone, read from the module at the start of a step.
+pub struct Backbone {
+    level: usize,
+    train_bn: bool,
+    engine: Option<Engine>,
+    stem: Option<Conv>,
+    blocks: Vec<Block>,
+    head: Conv,
+}
+
+/// A forward pass's saved state, until the backward pass.
+pub struct Tape {
+    n: usize,
+    stem: Option<(Vec<f32>, NormTape)>,
+    blocks: Vec<BlockTape>,
+    head_x: Vec<f32>,
+    head: NormTape,
+    head_side: usize,
+}
+
+impl Backbone {
+    /// Reads the layers of `m` above `level` (0 ≤ level < 17; see [`crate::train::net`]).
+    pub fn read(m: &Lite0, level: usize, train_bn: bool) -> Result<Self> {
+        if level >= POOLED_LEVEL {
+            bail!("level {level}: nothing of the backbone trains");
+        }
+        let stem = if level == 0 {
+            Some(Conv::read(&m.conv_stem, &m.bn0)?)
+        } else {
+            None
+        };
+        let mut blocks = Vec::new();
+        for b in m.blocks.iter().skip(level) {
+            let expand = match (&b.expand_conv, &b.bn0) {
+                (Some(c), Some(n)) => Some(Conv::read(c, n)?),
+                _ => None,
+            };
+            blocks.push(Block {
+                expand,
+                dw: Conv::read(&b.depthwise_conv, &b.bn1)?,
+                project: Conv::read(&b.project_conv, &b.bn2)?,
+                residual: b.residual,
+            });
+        }
+        Ok(Self {
+            level,
+            train_bn,
+            engine: if level >= 1 {
+                Some(Engine::new(m)?)
+            } else {
+                None
+            },
+            stem,
+            blocks,
+            head: Conv::read(&m.conv_head, &m.bn1)?,
+        })
+    }
+
+    /// Pooled features `[n][1280]` of a normalised batch `[n][3][side][side]`, and the tape.
+    pub fn forward(&self, input: &[f32], n: usize, side: usize) -> (Vec<f32>, Tape) {
+        let (mut x, mut h, stem) = match (&self.stem, &self.engine) {
+            (Some(stem), _) => {
+                let ho = side / 2;
+                let col = im2col(input, n, side);
+                let z = matmul_nt(&col, n * ho * ho, 27, &stem.w, stem.cout());
+                let (t, a) = norm_forward(&stem.bn, z, stem.cout(), self.train_bn, true);
+                (a, ho, Some((col, t)))
+            }
+            (None, Some(engine)) => {
+                let out = Output::BlocksNhwc(self.level);
+                let [_, hh, _] = engine.output_shape(side, out);
+                (engine.run(input, n, side, out), hh, None)
+            }
+            (None, None) => unreachable!("a backbone above level 0 has an engine"),
+        };
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (t1, a1) = match &b.expand {
+                Some(e) => {
+                    let z = matmul_nt(&x, x.len() / e.cin(), e.cin(), &e.w, e.cout());
+                    let (t, a) = norm_forward(&e.bn, z, e.cout(), self.train_bn, true);
+                    (Some(t), Some(a))
+                }
+                None => (None, None),
+            };
+            let src = a1.as_deref().unwrap_or(&x);
+            let ho = b.dw.out_side(h);
+            let z = dw_forward(&b.dw, src, n, h, ho);
+            let (t2, a2) = norm_forward(&b.dw.bn, z, b.dw.cout(), self.train_bn, true);
+            let p = &b.project;
+            let z = matmul_nt(&a2, n * ho * ho, p.cin(), &p.w, p.cout());
+            let (t3, mut y) = norm_forward(&p.bn, z, p.cout(), self.train_bn, false);
+            if b.residual {
+                y.par_iter_mut()
+                    .zip(x.par_iter())
+                    .for_each(|(o, v)| *o += v);
+            }
+            blocks.push(BlockTape {
+                x: std::mem::replace(&mut x, y),
+                a1,
+                a2,
+                t1,
+                t2,
+                t3,
+                side_in: h,
+                side_out: ho,
+            });
+            h = ho;
+        }
+        let hd = &self.head;
+        let px = h * h;
+        let z = matmul_nt(&x, n * px, hd.cin(), &hd.w, hd.cout());
+        let (t, a) = norm_forward(&hd.bn, z, hd.cout(), self.train_bn, true);
+        let c = hd.cout();
+        let mut pooled = vec![0f32; n * c];
+        pooled
+            .par_chunks_mut(c)
+            .zip(a.par_chunks(px * c))
+            .for_each(|(p, img)| {
+                for row in img.chunks_exact(c) {
+                    p.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+                }
+                let inv = 1.0 / px as f32;
+                p.iter_mut().for_each(|o| *o *= inv);
+            });
+        let tape = Tape {
+            n,
+            stem,
+            blocks,
+            head_x: x,
+            head: t,
+            head_side: h,
+        };
+        (pooled, tape)
+    }
+
+    /// Gradients of the trainable parameters given the pooled features' gradient `[n][1280]`,
+    /// as (parameter, gradient) pairs in burn's layouts, and the BatchNorm running averages to
+    /// store (training mode).
+    pub fn backward(&self, tape: Tape, d_pooled: &[f32]) -> Backward {
+        let mut out = Backward::default();
+        let n = tape.n;
+        let hd = &self.head;
+        let c = hd.cout();
+        let px = tape.head_side * tape.head_side;
+        // Pooling: every pixel gets 1/px of its image's gradient.
+        let mut da = vec![0f32; n * px * c];
+        da.par_chunks_mut(px * c)
+            .zip(d_pooled.par_chunks(c))
+            .for_each(|(img, g)| {
+                let inv = 1.0 / px as f32;
+                for row in img.chunks_exact_mut(c) {
+                    row.iter_mut().zip(g).for_each(|(o, v)| *o = v * inv);
+                }
+            });
+        let dz = self.norm_backward(hd, &tape.head, da, true, &mut out);
+        out.push_weight(hd, matmul_tn(&dz, n * px, c, &tape.head_x, hd.cin()));
+        let need_dx = !self.blocks.is_empty() || self.stem.is_some();
+        let mut dx = if need_dx {
+            matmul_nn(&dz, n * px, c, &hd.w, hd.cin())
+        } else {
+            Vec::new()
+        };
+        for (i, (b, t)) in self.blocks.iter().zip(tape.blocks).enumerate().rev() {
+            let first = i == 0 && self.stem.is_none();
+            let rows_out = n * t.side_out * t.side_out;
+            let rows_in = n * t.side_in * t.side_in;
+            let d_res = if b.residual && !first {
+                Some(dx.clone())
+            } else {
+                None
+            };
+            // Project (no activation).
+            let p = &b.project;
+            let dz = self.norm_backward(p, &t.t3, dx, false, &mut out);
+            out.push_weight(p, matmul_tn(&dz, rows_out, p.cout(), &t.a2, p.cin()));
+            let da2 = matmul_nn(&dz, rows_out, p.cout(), &p.w, p.cin());
+            drop(dz);
+            // Depthwise.
+            let dz = self.norm_backward(&b.dw, &t.t2, da2, true, &mut out);
+            let src = t.a1.as_deref().unwrap_or(&t.x);
+            let need_src_grad = b.expand.is_some() || !first;
+            let (da1, dw) = dw_backward(&b.dw, src, &dz, n, t.side_in, t.side_out, need_src_grad);
+            out.push_weight(&b.dw, dw);
+            drop(dz);
+            // Expand.
+            dx = match (&b.expand, t.t1) {
+                (Some(e), Some(t1)) => {
+                    let dz = self.norm_backward(e, &t1, da1, true, &mut out);
+                    out.push_weight(e, matmul_tn(&dz, rows_in, e.cout(), &t.x, e.cin()));
+                    if first {
+                        Vec::new()
+                    } else {
+                        matmul_nn(&dz, rows_in, e.cout(), &e.w, e.cin())
+                    }
+                }
+                _ => da1,
+            };
+            if let Some(r) = d_res {
+                dx.par_iter_mut()
+                    .zip(r.par_iter())
+                    .for_each(|(o, v)| *o += v);
+            }
+        }
+        if let (Some(stem), Some((col, t))) = (&self.stem, tape.stem) {
+            let dz = self.norm_backward(stem, &t, dx, true, &mut out);
+            let rows = col.len() / 27;
+            out.push_weight(stem, matmul_tn(&dz, rows, stem.cout(), &col, 27));
+        }
+        out
+    }
+
+    /// BatchNorm (+ ReLU6) backward: the gradient at the convolution's output, and γ, β's
+    /// gradients and running averages recorded in `out`.
+    fn norm_backward(
+        &self,
+        conv: &Conv,
+        t: &NormTape,
+        mut d: Vec<f32>,
+        relu6: bool,
+        out: &mut Backward,
+    ) -> Vec<f32> {
+        let bn = &conv.bn;
+        let c = bn.gamma.len();
+        // One pass: the ReLU6 mask applied to `d` (where γ·x̂ + β is outside (0, 6)), and the
+        // column sums of d and d·x̂.
+        let (sum_d, sum_dx) = masked_col_dot(&mut d, &t.xhat, c, relu6.then_some(bn));
+        let rows = (d.len() / c) as f32;
+        let coef: Vec<(f32, f32, f32)> = (0..c)
+            .map(|j| {
+                let g = bn.gamma[j] * t.invstd[j];
+                if self.train_bn {
+                    (g, sum_d[j] / rows, sum_dx[j] / rows)
+                } else {
+                    (g, 0.0, 0.0)
+                }
+            })
+            .collect();
+        d.par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(t.xhat.par_chunks(ROWS_PER_TASK * c))
+            .for_each(|(dc, xc)| {
+                for (dr, xr) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                    for j in 0..c {
+                        let (g, md, mdx) = coef[j];
+                        dr[j] = g * (dr[j] - md - xr[j] * mdx);
+                    }
+                }
+            });
+        let dev = crate::embed::device();
+        out.grads.push((
+            bn.gamma_id,
+            Grad::D1(Tensor::from_data(TensorData::new(sum_dx, [c]), &dev)),
+        ));
+        out.grads.push((
+            bn.beta_id,
+            Grad::D1(Tensor::from_data(TensorData::new(sum_d, [c]), &dev)),
+        ));
+        if let Some((m, v)) = &t.batch {
+            let mo = bn.momentum;
+            let mix = |run: &[f32], b: &[f32]| -> Vec<f32> {
+                run.iter()
+                    .zip(b)
+                    .map(|(r, x)| r * (1.0 - mo) + x * mo)
+                    .collect()
+            };
+            out.running
+                .push((bn.gamma_id, mix(&bn.mean, m), mix(&bn.var, v)));
+        }
+        d
+    }
+}
+
+/// A parameter gradient.
+pub enum Grad {
+    D1(Tensor<1>),
+    D4(Tensor<4>),
+}
+
+/// The backward pass's results.
+#[derive(Default)]
+pub struct Backward {
+    pub grads: Vec<(ParamId, Grad)>,
+    /// New running mean and variance per BatchNorm, keyed by its γ's id.
+    pub running: Vec<(ParamId, Vec<f32>, Vec<f32>)>,
+}
+
+impl Backward {
+    fn push_weight(&mut self, conv: &Conv, g: Vec<f32>) {
+        self.grads.push((conv.id, Grad::D4(conv.weight_grad(g))));
+    }
+
+    /// Registers the gradients and stores the running averages in `model`'s backbone.
+    pub fn apply(self, grads: &mut GradientsParams, model: &EmbedNet) {
+        for (id, g) in self.grads {
+            match g {
+                Grad::D1(t) => grads.register(id, t),
+                Grad::D4(t) => grads.register(id, t),
+            }
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let b = &model.backbone;
+        let mut bns: Vec<&BatchNorm> = vec![&b.bn0, &b.bn1];
+        for blk in &b.blocks {
+            bns.extend(blk.bn0.iter());
+            bns.push(&blk.bn1);
+            bns.push(&blk.bn2);
+        }
+        for (id, mean, var) in self.running {
+            if let Some(bn) = bns.iter().find(|bn| bn.gamma.id == id) {
+                let dev = bn.running_mean.value().device();
+                let c = mean.len();
+                bn.running_mean
+                    .update(Tensor::from_data(TensorData::new(mean, [c]), &dev));
+                bn.running_var
+                    .update(Tensor::from_data(TensorData::new(var, [c]), &dev));
+            }
+        }
+    }
+}
+
+/// The step's pass through the backbone, until its backward pass.
+pub struct Pending {
+    backbone: Backbone,
+    tape: Tape,
+    leaf: Tensor<4>,
+}
+
+/// The level input of a training step for `model`'s trainable backbone above `level`, computed
+/// by this module: the pooled features as a leaf of burn's graph on `device` (autodiff), with the
+/// multiscale network's down-sampled inputs.
+pub fn prefix(
+    model: &EmbedNet,
+    batch: Vec<f32>,
+    n: usize,
+    size: usize,
+    level: usize,
+    train_bn: bool,
+    device: &Device,
+) -> Result<(LevelInput, Pending)> {
+    let backbone = Backbone::read(&model.backbone, level, train_bn)?;
+    let (pooled, tape) = backbone.forward(&batch, n, size);
+    let c = pooled.len() / n;
+    let leaf = Tensor::<4>::from_data(TensorData::new(pooled, [n, c, 1, 1]), device).require_grad();
+    let (small4, small8) = if model.is_multiscale() {
+        let x = Tensor::<4>::from_data(TensorData::new(batch, [n, 3, size, size]), device);
+        (Some(downsample(x.clone(), 4)), Some(downsample(x, 8)))
+    } else {
+        (None, None)
+    };
+    Ok((
+        LevelInput {
+            trunk: leaf.clone(),
+            small4,
+            small8,
+        },
+        Pending {
+            backbone,
+            tape,
+            leaf,
+        },
+    ))
+}
+
+impl Pending {
+    /// burn's gradients of the step (loss backward) plus the backbone's, and the running averages
+    /// stored in `model`.
+    pub fn gradients(self, mut g: Gradients, model: &EmbedNet) -> Result<GradientsParams> {
+        let d = self
+            .leaf
+            .grad_remove(&mut g)
+            .ok_or_else(|| anyhow!("the loss does not depend on the backbone's features"))?;
+        let d = host(d)?;
+        let mut grads = GradientsParams::from_grads(g, model);
+        self.backbone
+            .backward(self.tape, &d)
+            .apply(&mut grads, model);
+        Ok(grads)
+    }
+}
+
+/// im2col of the stem (3×3 stride 2 padding 1) for a batch: `[n·ho·ho][27]`, burn's
+/// `[ci][ky][kx]` order.
+fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
+    let ho = side / 2;
+    let mut col = vec![0f32; n * ho * ho * 27];
+    col.par_chunks_mut(ho * ho * 27)
+        .zip(x.par_chunks(3 * side * side))
+        .for_each(|(c, img)| {
+            for oy in 0..ho {
+                for ox in 0..ho {
+                    let r = &mut c[(oy * ho + ox) * 27..][..27];
+                    for ci in 0..3 {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let iy = (oy * 2 + ky) as isize - 1;
+                                let ix = (ox * 2 + kx) as isize - 1;
+                                if iy >= 0
+                                    && ix >= 0
+                                    && (iy as usize) < side
+                                    && (ix as usize) < side
+                                {
+                                    r[ci * 9 + ky * 3 + kx] =
+                                        img[ci * side * side + iy as usize * side + ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    col
+}
+
+/// Row-major product with strides: `dst[m][n] = lhs · rhs` (threaded).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[f32],
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    // SAFETY: every index the strides reach is within the slices (checked above for the dense
+    // layouts this module uses); the buffers are distinct.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `x[rows][k] · w[n][k]ᵀ` → `[rows][n]` (a 1×1 convolution forward).
+fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    gemm_into(&mut out, rows, n, k, x, k as isize, 1, w, 1, k as isize);
+    out
+}
+
+/// `d[rows][n] · w[n][k]` → `[rows][k]` (a 1×1 convolution's input gradient).
+fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * k];
+    gemm_into(&mut out, rows, k, n, d, n as isize, 1, w, k as isize, 1);
+    out
+}
+
+/// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
+fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * k];
+    gemm_into(&mut out, n, k, rows, d, 1, n as isize, x, k as isize, 1);
+    out
+}
+
+/// Zeroes `d` where the BatchNorm output `γ·x̂ + β` is outside ReLU6's (0, 6) when `mask` is given,
+/// and returns the column sums of `d` and `d·x̂` (accumulated in f64 per task).
+fn masked_col_dot(d: &mut [f32], x: &[f32], c: usize, mask: Option<&Bn>) -> (Vec<f32>, Vec<f32>) {
+    let (a, b) = d
+        .par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(x.par_chunks(ROWS_PER_TASK * c))
+        .map(|(dc, xc)| {
+            let mut s = vec![0f64; c];
+            let mut sx = vec![0f64; c];
+            for (dr, xr) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                if let Some(bn) = mask {
+                    for j in 0..c {
+                        let y = bn.gamma[j] * xr[j] + bn.beta[j];
+                        if !(y > 0.0 && y < 6.0) {
+                            dr[j] = 0.0;
+                        }
+                    }
+                }
+                for j in 0..c {
+                    s[j] += dr[j] as f64;
+                    sx[j] += (dr[j] * xr[j]) as f64;
+                }
+            }
+            (s, sx)
+        })
+        .reduce(
+            || (vec![0f64; c], vec![0f64; c]),
+            |(mut a, mut b), (x, y)| {
+                a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
+                b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                (a, b)
+            },
+        );
+    (
+        a.into_iter().map(|v| v as f32).collect(),
+        b.into_iter().map(|v| v as f32).collect(),
+    )
+}
+
+/// Per-column sums of x and x² over rows (f64).
+fn col_moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
+    x.par_chunks(ROWS_PER_TASK * c)
+        .map(|xc| {
+            let mut s = vec![0f64; c];
+            let mut s2 = vec![0f64; c];
+            for r in xc.chunks_exact(c) {
+                for j in 0..c {
+                    let v = r[j] as f64;
+                    s[j] += v;
+                    s2[j] += v * v;
+                }
+            }
+            (s, s2)
+        })
+        .reduce(
+            || (vec![0f64; c], vec![0f64; c]),
+            |(mut a, mut b), (x, y)| {
+                a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
+                b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                (a, b)
+            },
+        )
+}
+
+/// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
+/// `γ·x̂ + β` (ReLU6'd when `relu6`).
+fn norm_forward(
+    bn: &Bn,
+    mut z: Vec<f32>,
+    c: usize,
+    train: bool,
+    relu6: bool,
+) -> (NormTape, Vec<f32>) {
+    let rows = z.len() / c;
+    let (mean, var, batch) = if train {
+        // Mean and (biased) variance in one pass, from f64 sums of x and x².
+        let (s1, s2) = col_moments(&z, c);
+        let r = rows as f64;
+        let m: Vec<f32> = s1.iter().map(|s| (s / r) as f32).collect();
+        let v: Vec<f32> = s1
+            .iter()
+            .zip(&s2)
+            .map(|(a, b)| ((b / r) - (a / r) * (a / r)).max(0.0) as f32)
+            .collect();
+        (m.clone(), v.clone(), Some((m, v)))
+    } else {
+        (bn.mean.clone(), bn.var.clone(), None)
+    };
+    let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
+    let mut a = vec![0f32; z.len()];
+    z.par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(a.par_chunks_mut(ROWS_PER_TASK * c))
+        .for_each(|(zc, ac)| {
+            for (zr, ar) in zc.chunks_exact_mut(c).zip(ac.chunks_exact_mut(c)) {
+                for j in 0..c {
+                    let xh = (zr[j] - mean[j]) * invstd[j];
+                    zr[j] = xh;
+                    let y = bn.gamma[j] * xh + bn.beta[j];
+                    ar[j] = if relu6 { y.clamp(0.0, 6.0) } else { y };
+                }
+            }
+        });
+    (
+        NormTape {
+            xhat: z,
+            invstd,
+            batch,
+        },
+        a,
+    )
+}
+
+/// Depthwise convolution of a batch `[n][h][h][c]` → `[n][ho][ho][c]`, no bias, threaded over images.
+fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32> {
+    let c = conv.cout();
+    let zeros = vec![0f32; c];
+    let mut out = vec![0f32; n * ho * ho * c];
+    out.par_chunks_mut(ho * ho * c)
+        .zip(x.par_chunks(h * h * c))
+        .for_each(|(o, img)| {
+            let a = DwArgs {
+                x: img,
+                h,
+                w: h,
+                c,
+                k: conv.dims[2],
+                stride: conv.stride,
+                wt: &conv.w,
+                bias: &zeros,
+                relu6: false,
+            };
+            engine::depthwise(&a, o);
+        });
+    debug_assert_eq!(n * h * h * c, x.len());
+    out
+}
+
+/// Depthwise convolution backward: the input gradient (when `need_dx`) and the tap-major weight
+/// gradient, threaded over images with per-task weight-gradient sums.
+fn dw_backward(
+    conv: &Conv,
+    x: &[f32],
+    dz: &[f32],
+    n: usize,
+    h: usize,
+    ho: usize,
+    need_dx: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = conv.cout();
+    let k = conv.dims[2];
+    let mut dx = vec![0f32; if need_dx { n * h * h * c } else { 0 }];
+    let per_in = h * h * c;
+    let per_out = ho * ho * c;
+    let job = |img: usize, dxi: &mut [f32], dw: &mut [f32]| {
+        let a = DwBack {
+            x: &x[img * per_in..(img + 1) * per_in],
+            dz: &dz[img * per_out..(img + 1) * per_out],
+            h,
+            ho,
+            c,
+            k,
+            stride: conv.stride,
+            wt: &conv.w,
+        };
+        dw_back_dispatch(&a, dxi, dw);
+    };
+    let dw = if need_dx {
+        dx.par_chunks_mut(per_in)
+            .enumerate()
+            .fold(
+                || vec![0f32; k * k * c],
+                |mut dw, (img, dxi)| {
+                    job(img, dxi, &mut dw);
+                    dw
+                },
+            )
+            .reduce(
+                || vec![0f32; k * k * c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+                    a
+                },
+            )
+    } else {
+        (0..n)
+            .into_par_iter()
+            .fold(
+                || vec![0f32; k * k * c],
+                |mut dw, img| {
+                    job(img, &mut [], &mut dw);
+                    dw
+                },
+            )
+            .reduce(
+                || vec![0f32; k * k * c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+                    a
+                },
+            )
+    };
+    (dx, dw)
+}
+
+struct DwBack<'a> {
+    x: &'a [f32],
+    dz: &'a [f32],
+    h: usize,
+    ho: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    wt: &'a [f32],
+}
+
+fn dw_back_dispatch(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { dw_back_avx512(a, dx, dw) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { dw_back_avx2(a, dx, dw) };
+        }
+    }
+    dw_back::<false>(a, dx, dw)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dw_back_avx512(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    dw_back::<true>(a, dx, dw)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_back_avx2(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    dw_back::<true>(a, dx, dw)
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
+    if FMA { x.mul_add(w, acc) } else { acc + x * w }
+}
+
+#[inline(always)]
+fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    let (k, s, c, h) = (a.k, a.stride, a.c, a.h);
+    let p = (k / 2) as isize;
+    let need_dx = !dx.is_empty();
+    for oy in 0..a.ho {
+        for ox in 0..a.ho {
+            let g = &a.dz[(oy * a.ho + ox) * c..][..c];
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - p;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let ix = (ox * s + kx) as isize - p;
+                    if ix < 0 || ix >= h as isize {
+                        continue;
+                    }
+                    let off = (iy as usize * h + ix as usize) * c;
+                    let tap = (ky * k + kx) * c;
+                    let xin = &a.x[off..off + c];
+                    let dwr = &mut dw[tap..tap + c];
+                    for j in 0..c {
+                        dwr[j] = madd::<FMA>(dwr[j], g[j], xin[j]);
+                    }
+                    if need_dx {
+                        let wr = &a.wt[tap..tap + c];
+                        let dxr = &mut dx[off..off + c];
+                        for j in 0..c {
+                            dxr[j] = madd::<FMA>(dxr[j], g[j], wr[j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
