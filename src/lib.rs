@@ -1,7 +1,9 @@
 //! deeprank: image similarity search with a triplet deep-ranking network.
 //!
 //! The data path, one module per stage: [`dataset`] → [`sampler`] → [`transform`] → [`model`]
-//! ([`weights`]) → [`embed`] → [`db`] / [`index`] → [`query`] / [`eval`] ([`grid`]) → [`demo`].
+//! ([`weights`]) → [`embed`] ([`engine`] on the CPU, [`fused`] elsewhere) → [`db`] / [`index`] →
+//! [`query`] / [`eval`] ([`grid`]) → [`demo`]; [`train`] fine-tunes the network, [`serve`] answers
+//! over HTTP.
 
 pub mod benchkit;
 pub mod dataset;

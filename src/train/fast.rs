@@ -379,26 +379,18 @@ impl Backbone {
         // column sums of d and d·x̂.
         let (sum_d, sum_dx) = masked_col_dot(&mut d, &t.xhat, c, relu6.then_some(bn));
         let rows = (d.len() / c) as f32;
-        let coef: Vec<(f32, f32, f32)> = (0..c)
-            .map(|j| {
-                let g = bn.gamma[j] * t.invstd[j];
-                if self.train_bn {
-                    (g, sum_d[j] / rows, sum_dx[j] / rows)
-                } else {
-                    (g, 0.0, 0.0)
-                }
-            })
-            .collect();
+        let g: Vec<f32> = (0..c).map(|j| bn.gamma[j] * t.invstd[j]).collect();
+        let (md, mdx): (Vec<f32>, Vec<f32>) = if self.train_bn {
+            (
+                sum_d.iter().map(|v| v / rows).collect(),
+                sum_dx.iter().map(|v| v / rows).collect(),
+            )
+        } else {
+            (vec![0.0; c], vec![0.0; c])
+        };
         d.par_chunks_mut(ROWS_PER_TASK * c)
             .zip(t.xhat.par_chunks(ROWS_PER_TASK * c))
-            .for_each(|(dc, xc)| {
-                for (dr, xr) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                    for j in 0..c {
-                        let (g, md, mdx) = coef[j];
-                        dr[j] = g * (dr[j] - md - xr[j] * mdx);
-                    }
-                }
-            });
+            .for_each(|(dc, xc)| norm_back_rows(dc, xc, c, &g, &md, &mdx));
         let dev = crate::embed::device();
         out.grads.push((
             bn.gamma_id,
@@ -632,26 +624,18 @@ fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> 
 /// Zeroes `d` where the BatchNorm output `γ·x̂ + β` is outside ReLU6's (0, 6) when `mask` is given,
 /// and returns the column sums of `d` and `d·x̂` (accumulated in f64 per task).
 fn masked_col_dot(d: &mut [f32], x: &[f32], c: usize, mask: Option<&Bn>) -> (Vec<f32>, Vec<f32>) {
+    let unused = vec![0f32; c];
+    let (gamma, beta) = match mask {
+        Some(bn) => (&bn.gamma[..], &bn.beta[..]),
+        None => (&unused[..], &unused[..]),
+    };
     let (a, b) = d
         .par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c))
         .map(|(dc, xc)| {
             let mut s = vec![0f64; c];
             let mut sx = vec![0f64; c];
-            for (dr, xr) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                if let Some(bn) = mask {
-                    for j in 0..c {
-                        let y = bn.gamma[j] * xr[j] + bn.beta[j];
-                        if !(y > 0.0 && y < 6.0) {
-                            dr[j] = 0.0;
-                        }
-                    }
-                }
-                for j in 0..c {
-                    s[j] += dr[j] as f64;
-                    sx[j] += (dr[j] * xr[j]) as f64;
-                }
-            }
+            mask_dot(dc, xc, c, gamma, beta, mask.is_some(), &mut s, &mut sx);
             (s, sx)
         })
         .reduce(
@@ -674,13 +658,7 @@ fn col_moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
         .map(|xc| {
             let mut s = vec![0f64; c];
             let mut s2 = vec![0f64; c];
-            for r in xc.chunks_exact(c) {
-                for j in 0..c {
-                    let v = r[j] as f64;
-                    s[j] += v;
-                    s2[j] += v * v;
-                }
-            }
+            moments(xc, c, &mut s, &mut s2);
             (s, s2)
         })
         .reduce(
@@ -721,16 +699,7 @@ fn norm_forward(
     let mut a = vec![0f32; z.len()];
     z.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(a.par_chunks_mut(ROWS_PER_TASK * c))
-        .for_each(|(zc, ac)| {
-            for (zr, ar) in zc.chunks_exact_mut(c).zip(ac.chunks_exact_mut(c)) {
-                for j in 0..c {
-                    let xh = (zr[j] - mean[j]) * invstd[j];
-                    zr[j] = xh;
-                    let y = bn.gamma[j] * xh + bn.beta[j];
-                    ar[j] = if relu6 { y.clamp(0.0, 6.0) } else { y };
-                }
-            }
-        });
+        .for_each(|(zc, ac)| norm_rows(zc, ac, c, &mean, &invstd, &bn.gamma, &bn.beta, relu6));
     (
         NormTape {
             xhat: z,
@@ -911,6 +880,136 @@ fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Compiles `$kernel` (an `#[inline(always)]` function) three times, for AVX-512, AVX2 + FMA and
+/// the baseline, and picks one at run time.
+macro_rules! multiversion {
+    ($name:ident => $kernel:ident($($arg:ident: $ty:ty),*)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) {
+                    $kernel($($arg),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) {
+                    $kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $kernel($($arg),*)
+        }
+    };
+}
+
+multiversion!(mask_dot => mask_dot_k(d: &mut [f32], x: &[f32], c: usize, gamma: &[f32], beta: &[f32], mask: bool, s: &mut [f64], sx: &mut [f64]));
+multiversion!(moments => moments_k(x: &[f32], c: usize, s: &mut [f64], s2: &mut [f64]));
+multiversion!(norm_rows => norm_rows_k(z: &mut [f32], a: &mut [f32], c: usize, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: &[f32], relu6: bool));
+multiversion!(norm_back_rows => norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]));
+
+/// ReLU6 mask on `d` (where `γ·x̂ + β` is outside (0, 6), when `mask`), and column sums of d, d·x̂.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mask_dot_k(
+    d: &mut [f32],
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mask: bool,
+    s: &mut [f64],
+    sx: &mut [f64],
+) {
+    let (gamma, beta, s, sx) = (&gamma[..c], &beta[..c], &mut s[..c], &mut sx[..c]);
+    for (dr, xr) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((((dv, &xv), &g), &b), sa), sb) in dr
+            .iter_mut()
+            .zip(xr)
+            .zip(gamma)
+            .zip(beta)
+            .zip(s.iter_mut())
+            .zip(sx.iter_mut())
+        {
+            let y = g * xv + b;
+            let v = if !mask || (y > 0.0 && y < 6.0) {
+                *dv
+            } else {
+                0.0
+            };
+            *dv = v;
+            *sa += v as f64;
+            *sb += (v * xv) as f64;
+        }
+    }
+}
+
+/// Column sums of x and x².
+#[inline(always)]
+fn moments_k(x: &[f32], c: usize, s: &mut [f64], s2: &mut [f64]) {
+    let (s, s2) = (&mut s[..c], &mut s2[..c]);
+    for r in x.chunks_exact(c) {
+        for ((&v, a), b) in r.iter().zip(s.iter_mut()).zip(s2.iter_mut()) {
+            let v = v as f64;
+            *a += v;
+            *b += v * v;
+        }
+    }
+}
+
+/// `z ← x̂ = (z − μ)·invstd`, `a ← γ·x̂ + β` (ReLU6'd when `relu6`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn norm_rows_k(
+    z: &mut [f32],
+    a: &mut [f32],
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    relu6: bool,
+) {
+    let (mean, invstd, gamma, beta) = (&mean[..c], &invstd[..c], &gamma[..c], &beta[..c]);
+    for (zr, ar) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
+        for (((((zv, av), &m), &is), &g), &b) in zr
+            .iter_mut()
+            .zip(ar.iter_mut())
+            .zip(mean)
+            .zip(invstd)
+            .zip(gamma)
+            .zip(beta)
+        {
+            let xh = (*zv - m) * is;
+            *zv = xh;
+            let y = g * xh + b;
+            *av = if relu6 { y.clamp(0.0, 6.0) } else { y };
+        }
+    }
+}
+
+/// BatchNorm backward per element: `d ← g·(d − md − x̂·mdx)`.
+#[inline(always)]
+fn norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]) {
+    let (g, md, mdx) = (&g[..c], &md[..c], &mdx[..c]);
+    for (dr, xr) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for ((((dv, &xv), &gg), &m), &mx) in dr.iter_mut().zip(xr).zip(g).zip(md).zip(mdx) {
+            *dv = gg * (*dv - m - xv * mx);
         }
     }
 }
