@@ -23,7 +23,7 @@ fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
 }
 
 /// A convolution with its BatchNorm folded in: weights `[cout][cin·k·k]` (burn's order) and bias.
-fn fold(conv: &Conv2d, bn: &BatchNorm) -> Result<(Vec<f32>, Vec<f32>, [usize; 4])> {
+pub(crate) fn fold(conv: &Conv2d, bn: &BatchNorm) -> Result<(Vec<f32>, Vec<f32>, [usize; 4])> {
     let w = conv.weight.val();
     let dims = w.dims();
     let mut wv = host(w)?;
@@ -85,8 +85,49 @@ impl Pointwise {
 
 /// `dst[m][n] += lhs[m][k] · rhsᵀ` with `rhs` stored `[n][k]`, all row-major, single-threaded.
 fn matmul_acc(lhs: &[f32], m: usize, k: usize, rhs: &[f32], n: usize, dst: &mut [f32]) {
-    assert!(lhs.len() >= m * k && rhs.len() >= n * k && dst.len() >= m * n);
-    // SAFETY: the bounds are checked above; the three buffers are distinct slices.
+    let (lrs, lcs, rrs, rcs) = (k as isize, 1, 1, k as isize);
+    gemm_rm(
+        dst,
+        [m, n, k],
+        lhs,
+        [lrs, lcs],
+        rhs,
+        [rrs, rcs],
+        true,
+        false,
+    );
+}
+
+/// Dense row-major `dst[m][n] (+)= lhs · rhs` (`dims` = [m, n, k]), the operands given by
+/// (row, column) strides over their slices: `lhs` is m × k, `rhs` is k × n. Threaded over the
+/// rayon pool when `threaded`; adds to `dst` when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rm(
+    dst: &mut [f32],
+    dims: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [isize; 2],
+    rhs: &[f32],
+    rhs_strides: [isize; 2],
+    accumulate: bool,
+    threaded: bool,
+) {
+    let [m, n, k] = dims;
+    // The layouts used here are dense: every operand holds exactly its product of dimensions.
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    let [lrs, lcs] = lhs_strides;
+    let [rrs, rcs] = rhs_strides;
+    let far = |rs: isize, cs: isize, r: usize, c: usize| {
+        (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
+    };
+    assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
+    let par = if threaded {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every element the strides reach is inside its slice (checked above); the
+    // destination is a distinct, exclusively borrowed slice.
     unsafe {
         gemm::gemm(
             m,
@@ -95,19 +136,19 @@ fn matmul_acc(lhs: &[f32], m: usize, k: usize, rhs: &[f32], n: usize, dst: &mut 
             dst.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lcs,
+            lrs,
             rhs.as_ptr(),
-            k as isize,
-            1,
+            rcs,
+            rrs,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
-            1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         );
     }
 }

@@ -4,44 +4,20 @@
 //! [`Lite0::pooled`] within float rounding (tested).
 
 use crate::model::{Lite0, MbConv};
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use burn::module::Param;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
-fn host(t: Tensor<1>) -> Result<Vec<f32>> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))
-}
-
 /// A copy of `conv` with `bn` folded in.
 fn fold(conv: &Conv2d, bn: &BatchNorm) -> Result<Conv2d> {
-    let w = conv.weight.val();
-    let device = w.device();
-    let dims = w.dims();
-    let mut wv = w
-        .into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))?;
-    let gamma = host(bn.gamma.val())?;
-    let beta = host(bn.beta.val())?;
-    let mean = host(bn.running_mean.value())?;
-    let var = host(bn.running_var.value())?;
+    let device = conv.weight.val().device();
+    let (w, bias, dims) = crate::engine::fold(conv, bn)?;
     let out = dims[0];
-    let per = wv.len() / out;
-    let mut bias = vec![0f32; out];
-    for o in 0..out {
-        let s = gamma[o] / (var[o] + bn.epsilon as f32).sqrt();
-        for x in &mut wv[o * per..(o + 1) * per] {
-            *x *= s;
-        }
-        bias[o] = beta[o] - mean[o] * s;
-    }
     let mut c = conv.clone();
-    c.weight = Param::from_tensor(Tensor::from_data(TensorData::new(wv, dims), &device));
+    c.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, dims), &device));
     c.bias = Some(Param::from_tensor(Tensor::from_data(
         TensorData::new(bias, [out]),
         &device,

@@ -149,22 +149,7 @@ fn folded_batchnorm_path_matches_the_plain_network() {
     let fused = deeprank::fused::FusedLite0::new(&model).unwrap();
     for size in [64usize, 128] {
         // Real images and random inputs.
-        let mut x = Vec::new();
-        for f in ["val_68.JPEG", "val_8.JPEG"] {
-            let img = transform::resize_rgb(
-                &transform::load_rgb(&common::sample().join("val/images").join(f)).unwrap(),
-                size as u32,
-            )
-            .unwrap();
-            let mut v = vec![0f32; 3 * size * size];
-            transform::normalise_chw(&img, &mut v).unwrap();
-            x.extend(v);
-        }
-        let mut s = 3u32;
-        x.extend((0..3 * size * size).map(|_| {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-        }));
+        let x = mixed_inputs(size);
         let t = || {
             burn::tensor::Tensor::<4>::from_data(
                 burn::tensor::TensorData::new(x.clone(), [3, 3, size, size]),
@@ -173,16 +158,8 @@ fn folded_batchnorm_path_matches_the_plain_network() {
         };
         let a = model.pooled(t()).into_data().try_to_vec::<f32>().unwrap();
         let b = fused.pooled(t()).into_data().try_to_vec::<f32>().unwrap();
-        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-        assert!(
-            err / scale < 1e-4,
-            "{size}px: max |Δ| / max = {:.2e}",
-            err / scale
-        );
+        let e = rel_err(&a, &b);
+        assert!(e < 1e-4, "{size}px: max |Δ| / max = {e:.2e}");
     }
 }
 

@@ -10,7 +10,7 @@
 //! other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
-use crate::engine::{self, DwArgs, Engine, Output};
+use crate::engine::{self, DwArgs, Engine, Output, gemm_rm};
 use crate::model::Lite0;
 use crate::train::net::{EmbedNet, LevelInput, POOLED_LEVEL, downsample};
 use anyhow::{Result, anyhow, bail};
@@ -558,66 +558,51 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
     col
 }
 
-/// Row-major product with strides: `dst[m][n] = lhs · rhs` (threaded).
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: &[f32],
-    rhs_rs: isize,
-    rhs_cs: isize,
-) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
-    // SAFETY: every index the strides reach is within the slices (checked above for the dense
-    // layouts this module uses); the buffers are distinct.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
-}
-
 /// `x[rows][k] · w[n][k]ᵀ` → `[rows][n]` (a 1×1 convolution forward).
 fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * n];
-    gemm_into(&mut out, rows, n, k, x, k as isize, 1, w, 1, k as isize);
+    gemm_rm(
+        &mut out,
+        [rows, n, k],
+        x,
+        [k as isize, 1],
+        w,
+        [1, k as isize],
+        false,
+        true,
+    );
     out
 }
 
 /// `d[rows][n] · w[n][k]` → `[rows][k]` (a 1×1 convolution's input gradient).
 fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * k];
-    gemm_into(&mut out, rows, k, n, d, n as isize, 1, w, k as isize, 1);
+    gemm_rm(
+        &mut out,
+        [rows, k, n],
+        d,
+        [n as isize, 1],
+        w,
+        [k as isize, 1],
+        false,
+        true,
+    );
     out
 }
 
 /// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
 fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * k];
-    gemm_into(&mut out, n, k, rows, d, 1, n as isize, x, k as isize, 1);
+    gemm_rm(
+        &mut out,
+        [n, k, rows],
+        d,
+        [1, n as isize],
+        x,
+        [k as isize, 1],
+        false,
+        true,
+    );
     out
 }
 
@@ -638,14 +623,7 @@ fn masked_col_dot(d: &mut [f32], x: &[f32], c: usize, mask: Option<&Bn>) -> (Vec
             mask_dot(dc, xc, c, gamma, beta, mask.is_some(), &mut s, &mut sx);
             (s, sx)
         })
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut a, mut b), (x, y)| {
-                a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
-                b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                (a, b)
-            },
-        );
+        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
     (
         a.into_iter().map(|v| v as f32).collect(),
         b.into_iter().map(|v| v as f32).collect(),
@@ -661,14 +639,17 @@ fn col_moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
             moments(xc, c, &mut s, &mut s2);
             (s, s2)
         })
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut a, mut b), (x, y)| {
-                a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
-                b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                (a, b)
-            },
-        )
+        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs)
+}
+
+/// Element-wise sum of two pairs of per-column sums.
+fn add_pairs(
+    (mut a, mut b): (Vec<f64>, Vec<f64>),
+    (x, y): (Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>) {
+    a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
+    b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+    (a, b)
 }
 
 /// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
@@ -764,40 +745,27 @@ fn dw_backward(
         };
         dw_back_dispatch(&a, dxi, dw);
     };
+    let zero = || vec![0f32; k * k * c];
+    let add = |mut a: Vec<f32>, b: Vec<f32>| {
+        a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+        a
+    };
     let dw = if need_dx {
         dx.par_chunks_mut(per_in)
             .enumerate()
-            .fold(
-                || vec![0f32; k * k * c],
-                |mut dw, (img, dxi)| {
-                    job(img, dxi, &mut dw);
-                    dw
-                },
-            )
-            .reduce(
-                || vec![0f32; k * k * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-                    a
-                },
-            )
+            .fold(zero, |mut dw, (img, dxi)| {
+                job(img, dxi, &mut dw);
+                dw
+            })
+            .reduce(zero, add)
     } else {
         (0..n)
             .into_par_iter()
-            .fold(
-                || vec![0f32; k * k * c],
-                |mut dw, img| {
-                    job(img, &mut [], &mut dw);
-                    dw
-                },
-            )
-            .reduce(
-                || vec![0f32; k * k * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-                    a
-                },
-            )
+            .fold(zero, |mut dw, img| {
+                job(img, &mut [], &mut dw);
+                dw
+            })
+            .reduce(zero, add)
     };
     (dx, dw)
 }
