@@ -1,5 +1,6 @@
 //! Measurement helpers for `bench/`: reproducible random vectors written as `.npy` (so the FAISS
-//! anchor reads the same arrays) and timed exact searches over them.
+//! anchor reads the same arrays) and timed exact searches over them; timed decoding and training
+//! steps.
 
 use crate::db::{NpyMap, NpyWriter};
 use crate::index::search;
@@ -84,4 +85,38 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
         );
     }
     Ok(best)
+}
+
+/// Times the trainer's step (seed recipe at `size` px with a `dim`-d head) on a fixed batch of the
+/// first `3·triplets` images of `data`'s val split: mean seconds per step after `warmup`, and the
+/// last loss.
+pub fn time_train(
+    data: &Path,
+    size: u32,
+    triplets: usize,
+    dim: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<(f64, f32)> {
+    use crate::dataset::{Dataset, Split};
+    use crate::train::{Recipe, TrainConfig, time_steps};
+    let ds = Dataset::open(data, Split::Val)?;
+    let paths: Vec<PathBuf> = ds
+        .items
+        .iter()
+        .take(3 * triplets)
+        .map(|i| i.path.clone())
+        .collect();
+    let (buf, ok, skipped) = crate::embed::decode_batch(&paths, size);
+    if ok.len() < 3 * triplets || !skipped.is_empty() {
+        anyhow::bail!(
+            "bench-train needs {} decodable images in {}",
+            3 * triplets,
+            data.display()
+        );
+    }
+    let mut cfg = TrainConfig::recipe(Recipe::Seed, data.to_path_buf());
+    cfg.size = size;
+    cfg.dim = dim;
+    time_steps(&cfg, buf, triplets, warmup, steps)
 }

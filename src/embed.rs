@@ -123,11 +123,10 @@ enum Fast {
 }
 
 impl Fast {
-    fn new(m: &Lite0, cpu: bool) -> Result<Self> {
-        Ok(if cpu {
-            Fast::Engine(crate::engine::Engine::new(m)?)
-        } else {
-            Fast::Fused(Box::new(crate::fused::FusedLite0::new(m)?))
+    fn new(m: &Lite0) -> Result<Self> {
+        Ok(match cpu_engine(m)? {
+            Some(e) => Fast::Engine(e),
+            None => Fast::Fused(Box::new(crate::fused::FusedLite0::new(m)?)),
         })
     }
 }
@@ -162,7 +161,7 @@ impl Embedder {
         let sha = weights::sha256_file(&path)?;
         let device = device();
         let model = weights::load_lite0(&path, &device)?;
-        let fast = Fast::new(&model, on_cpu())?;
+        let fast = Fast::new(&model)?;
         Ok(Self {
             net: Net::Pretrained(Box::new(model), Box::new(fast)),
             device,

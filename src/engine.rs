@@ -255,8 +255,9 @@ unsafe fn dw_avx2(a: &DwArgs, out: &mut [f32]) {
     dw_generic::<true>(a, out)
 }
 
+/// `acc + x·w`, fused when the caller is compiled with FMA.
 #[inline(always)]
-fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
     if FMA { x.mul_add(w, acc) } else { acc + x * w }
 }
 
@@ -334,6 +335,31 @@ struct Block {
     dw: Depthwise,
     project: Pointwise,
     residual: bool,
+}
+
+/// The stem's im2col for one `[3][side][side]` image: `[ho·ho][27]` (ho = side/2; 3×3 stride 2,
+/// padding 1), burn's `[ci][ky][kx]` order; every value written (padding as 0).
+pub(crate) fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
+    let ho = side / 2;
+    for oy in 0..ho {
+        for ox in 0..ho {
+            let r = &mut col[(oy * ho + ox) * 27..][..27];
+            for ci in 0..3 {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let iy = (oy * 2 + ky) as isize - 1;
+                        let ix = (ox * 2 + kx) as isize - 1;
+                        r[ci * 9 + ky * 3 + kx] =
+                            if iy >= 0 && ix >= 0 && (iy as usize) < side && (ix as usize) < side {
+                                x[ci * side * side + iy as usize * side + ix as usize]
+                            } else {
+                                0.0
+                            };
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The stem: 3×3 stride-2 convolution 3 → 32 as an im2col matrix product.
@@ -432,12 +458,31 @@ impl Engine {
         let [c, h, w] = self.output_shape(side, output);
         let per_out = c * h * w;
         let mut out = vec![0f32; n * per_out];
+        let need = self.scratch_len(side);
         out.par_chunks_mut(per_out)
             .zip(input.par_chunks(per_in))
             .for_each(|(o, x)| {
-                SCRATCH.with(|s| self.image(x, side, output, o, &mut s.borrow_mut()));
+                SCRATCH.with(|s| {
+                    let s = &mut *s.borrow_mut();
+                    grow(&mut s.a, need);
+                    grow(&mut s.b, need);
+                    grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
+                    self.image(x, side, output, o, s)
+                });
             });
         out
+    }
+
+    /// Floats of the largest activation at `side` px: the widest block input, output or expansion
+    /// at its resolution.
+    fn scratch_len(&self, side: usize) -> usize {
+        let mut res = side / 2;
+        let mut need = res * res * self.stem.cout;
+        for b in &self.blocks {
+            need = need.max(res * res * b.dw.c);
+            res = b.dw.out_side(res);
+        }
+        need.max(res * res * self.head.cout)
     }
 
     /// Pooled features of `n` images: `n × 1280`.
@@ -445,47 +490,13 @@ impl Engine {
         self.run(input, n, side, Output::Pooled)
     }
 
+    /// One image through the network; `s` holds at least [`Engine::scratch_len`] floats per buffer.
     fn image(&self, x: &[f32], side: usize, output: Output, out: &mut [f32], s: &mut Scratch) {
-        // Largest activation: the widest block input/output/expansion at its resolution.
-        let mut need = 0;
-        let mut res = side / 2;
-        need = need.max(res * res * self.stem.cout);
-        for b in &self.blocks {
-            let mid = b.dw.c;
-            need = need.max(res * res * mid);
-            res = b.dw.out_side(res);
-        }
-        need = need.max(res * res * self.head.cout);
-        grow(&mut s.a, need);
-        grow(&mut s.b, need);
-        grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
-
         // Stem: im2col (27 values per output pixel, burn's [ci][ky][kx] order) then a product.
         let ho = side / 2;
         {
             let col = &mut s.c[..ho * ho * 27];
-            for oy in 0..ho {
-                for ox in 0..ho {
-                    let r = &mut col[(oy * ho + ox) * 27..][..27];
-                    for ci in 0..3 {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let iy = (oy * 2 + ky) as isize - 1;
-                                let ix = (ox * 2 + kx) as isize - 1;
-                                r[ci * 9 + ky * 3 + kx] = if iy >= 0
-                                    && ix >= 0
-                                    && (iy as usize) < side
-                                    && (ix as usize) < side
-                                {
-                                    x[ci * side * side + iy as usize * side + ix as usize]
-                                } else {
-                                    0.0
-                                };
-                            }
-                        }
-                    }
-                }
-            }
+            stem_im2col(x, side, col);
             let dst = &mut s.a[..ho * ho * self.stem.cout];
             for row in dst.chunks_exact_mut(self.stem.cout) {
                 row.copy_from_slice(&self.stem.b);

@@ -497,25 +497,8 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             steps,
         } => {
-            let ds = Dataset::open(&data, Split::Val)?;
-            let paths: Vec<PathBuf> = ds
-                .items
-                .iter()
-                .take(3 * triplets)
-                .map(|i| i.path.clone())
-                .collect();
-            let (buf, ok, skipped) = deeprank::embed::decode_batch(&paths, size);
-            if ok.len() < 3 * triplets || !skipped.is_empty() {
-                anyhow::bail!(
-                    "bench-train needs {} decodable images in {}",
-                    3 * triplets,
-                    data.display()
-                );
-            }
-            let mut cfg = deeprank::train::TrainConfig::recipe(deeprank::train::Recipe::Seed, data);
-            cfg.size = size;
-            cfg.dim = dim;
-            let (sec, loss) = deeprank::train::time_steps(&cfg, buf, triplets, warmup, steps)?;
+            let (sec, loss) =
+                deeprank::benchkit::time_train(&data, size, triplets, dim, warmup, steps)?;
             println!(
                 "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.4} img_per_s={:.1} loss={loss:.4}",
                 (3 * triplets) as f64 / sec

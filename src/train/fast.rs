@@ -10,9 +10,9 @@
 //! other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
-use crate::engine::{self, DwArgs, Engine, Output, gemm_rm};
+use crate::engine::{self, DwArgs, Engine, Output, gemm_rm, madd};
 use crate::model::Lite0;
-use crate::train::net::{EmbedNet, LevelInput, POOLED_LEVEL, downsample};
+use crate::train::net::{EmbedNet, LevelInput, POOLED_LEVEL};
 use anyhow::{Result, anyhow, bail};
 use burn::module::ParamId;
 use burn::nn::BatchNorm;
@@ -155,10 +155,16 @@ struct BlockTape {
 pub struct Backbone {
     level: usize,
     train_bn: bool,
-    engine: Option<Engine>,
-    stem: Option<Conv>,
+    below: Below,
     blocks: Vec<Block>,
     head: Conv,
+}
+
+/// What feeds the first trainable block: the trainable stem (level 0) or the frozen prefix run
+/// through the inference engine.
+enum Below {
+    Stem(Conv),
+    Frozen(Engine),
 }
 
 /// A forward pass's saved state, until the backward pass.
@@ -177,10 +183,10 @@ impl Backbone {
         if level >= POOLED_LEVEL {
             bail!("level {level}: nothing of the backbone trains");
         }
-        let stem = if level == 0 {
-            Some(Conv::read(&m.conv_stem, &m.bn0)?)
+        let below = if level == 0 {
+            Below::Stem(Conv::read(&m.conv_stem, &m.bn0)?)
         } else {
-            None
+            Below::Frozen(Engine::new(m)?)
         };
         let mut blocks = Vec::new();
         for b in m.blocks.iter().skip(level) {
@@ -198,12 +204,7 @@ impl Backbone {
         Ok(Self {
             level,
             train_bn,
-            engine: if level >= 1 {
-                Some(Engine::new(m)?)
-            } else {
-                None
-            },
-            stem,
+            below,
             blocks,
             head: Conv::read(&m.conv_head, &m.bn1)?,
         })
@@ -211,20 +212,19 @@ impl Backbone {
 
     /// Pooled features `[n][1280]` of a normalised batch `[n][3][side][side]`, and the tape.
     pub fn forward(&self, input: &[f32], n: usize, side: usize) -> (Vec<f32>, Tape) {
-        let (mut x, mut h, stem) = match (&self.stem, &self.engine) {
-            (Some(stem), _) => {
+        let (mut x, mut h, stem) = match &self.below {
+            Below::Stem(stem) => {
                 let ho = side / 2;
                 let col = im2col(input, n, side);
                 let z = matmul_nt(&col, n * ho * ho, 27, &stem.w, stem.cout());
                 let (t, a) = norm_forward(&stem.bn, z, stem.cout(), self.train_bn, true);
                 (a, ho, Some((col, t)))
             }
-            (None, Some(engine)) => {
+            Below::Frozen(engine) => {
                 let out = Output::BlocksNhwc(self.level);
                 let [_, hh, _] = engine.output_shape(side, out);
                 (engine.run(input, n, side, out), hh, None)
             }
-            (None, None) => unreachable!("a backbone above level 0 has an engine"),
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
@@ -308,14 +308,15 @@ impl Backbone {
             });
         let dz = self.norm_backward(hd, &tape.head, da, true, &mut out);
         out.push_weight(hd, matmul_tn(&dz, n * px, c, &tape.head_x, hd.cin()));
-        let need_dx = !self.blocks.is_empty() || self.stem.is_some();
+        let stem_trains = matches!(self.below, Below::Stem(_));
+        let need_dx = !self.blocks.is_empty() || stem_trains;
         let mut dx = if need_dx {
             matmul_nn(&dz, n * px, c, &hd.w, hd.cin())
         } else {
             Vec::new()
         };
         for (i, (b, t)) in self.blocks.iter().zip(tape.blocks).enumerate().rev() {
-            let first = i == 0 && self.stem.is_none();
+            let first = i == 0 && !stem_trains;
             let rows_out = n * t.side_out * t.side_out;
             let rows_in = n * t.side_in * t.side_in;
             let d_res = if b.residual && !first {
@@ -355,7 +356,7 @@ impl Backbone {
                     .for_each(|(o, v)| *o += v);
             }
         }
-        if let (Some(stem), Some((col, t))) = (&self.stem, tape.stem) {
+        if let (Below::Stem(stem), Some((col, t))) = (&self.below, tape.stem) {
             let dz = self.norm_backward(stem, &t, dx, true, &mut out);
             let rows = col.len() / 27;
             out.push_weight(stem, matmul_tn(&dz, rows, stem.cout(), &col, 27));
@@ -488,12 +489,7 @@ pub fn prefix(
     let (pooled, tape) = backbone.forward(&batch, n, size);
     let c = pooled.len() / n;
     let leaf = Tensor::<4>::from_data(TensorData::new(pooled, [n, c, 1, 1]), device).require_grad();
-    let (small4, small8) = if model.is_multiscale() {
-        let x = Tensor::<4>::from_data(TensorData::new(batch, [n, 3, size, size]), device);
-        (Some(downsample(x.clone(), 4)), Some(downsample(x, 8)))
-    } else {
-        (None, None)
-    };
+    let (small4, small8) = model.small_inputs_host(batch, n, size, device);
     Ok((
         LevelInput {
             trunk: leaf.clone(),
@@ -525,36 +521,13 @@ impl Pending {
     }
 }
 
-/// im2col of the stem (3×3 stride 2 padding 1) for a batch: `[n·ho·ho][27]`, burn's
-/// `[ci][ky][kx]` order.
+/// The stem's im2col for a batch: `[n·ho·ho][27]` ([`engine::stem_im2col`] per image, threaded).
 fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
     let ho = side / 2;
     let mut col = vec![0f32; n * ho * ho * 27];
     col.par_chunks_mut(ho * ho * 27)
         .zip(x.par_chunks(3 * side * side))
-        .for_each(|(c, img)| {
-            for oy in 0..ho {
-                for ox in 0..ho {
-                    let r = &mut c[(oy * ho + ox) * 27..][..27];
-                    for ci in 0..3 {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let iy = (oy * 2 + ky) as isize - 1;
-                                let ix = (ox * 2 + kx) as isize - 1;
-                                if iy >= 0
-                                    && ix >= 0
-                                    && (iy as usize) < side
-                                    && (ix as usize) < side
-                                {
-                                    r[ci * 9 + ky * 3 + kx] =
-                                        img[ci * side * side + iy as usize * side + ix as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        .for_each(|(c, img)| engine::stem_im2col(img, side, c));
     col
 }
 
@@ -807,11 +780,6 @@ unsafe fn dw_back_avx512(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_back_avx2(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
     dw_back::<true>(a, dx, dw)
-}
-
-#[inline(always)]
-fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
-    if FMA { x.mul_add(w, acc) } else { acc + x * w }
 }
 
 #[inline(always)]

@@ -118,16 +118,38 @@ impl EmbedNet {
         self.shallow4.is_some()
     }
 
-    /// The backbone from the input up to `level` (see the module docs).
-    pub fn prefix(&self, x: Tensor<4>, level: usize) -> LevelInput {
-        let (small4, small8) = if self.is_multiscale() {
+    /// The multiscale network's 4:1 and 8:1 down-sampled inputs (None for plain Lite0).
+    pub fn small_inputs(&self, x: &Tensor<4>) -> (Option<Tensor<4>>, Option<Tensor<4>>) {
+        if self.is_multiscale() {
             (
                 Some(downsample(x.clone(), 4)),
                 Some(downsample(x.clone(), 8)),
             )
         } else {
             (None, None)
-        };
+        }
+    }
+
+    /// [`EmbedNet::small_inputs`] of a host batch `[n][3][size][size]`.
+    pub fn small_inputs_host(
+        &self,
+        batch: Vec<f32>,
+        n: usize,
+        size: usize,
+        device: &Device,
+    ) -> (Option<Tensor<4>>, Option<Tensor<4>>) {
+        if !self.is_multiscale() {
+            return (None, None);
+        }
+        self.small_inputs(&Tensor::from_data(
+            TensorData::new(batch, [n, 3, size, size]),
+            device,
+        ))
+    }
+
+    /// The backbone from the input up to `level` (see the module docs).
+    pub fn prefix(&self, x: Tensor<4>, level: usize) -> LevelInput {
+        let (small4, small8) = self.small_inputs(&x);
         let b = &self.backbone;
         let trunk = if level == 0 {
             x
@@ -174,12 +196,7 @@ impl EmbedNet {
         let [c, h, w] = engine.output_shape(size, output);
         let trunk = engine.run(&batch, n, size, output);
         let trunk = Tensor::from_data(TensorData::new(trunk, [n, c, h, w]), device);
-        let (small4, small8) = if self.is_multiscale() {
-            let x = Tensor::<4>::from_data(TensorData::new(batch, [n, 3, size, size]), device);
-            (Some(downsample(x.clone(), 4)), Some(downsample(x, 8)))
-        } else {
-            (None, None)
-        };
+        let (small4, small8) = self.small_inputs_host(batch, n, size, device);
         LevelInput {
             trunk,
             small4,
