@@ -7,11 +7,11 @@ PYTHON=${PYTHON:-bench/.venv/bin/python}
 DATA=${DATA:-../shared/data/tiny-imagenet-200-mini}
 export THREADS=${THREADS:-2}
 cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/deeprank
+BENCH=${CARGO_TARGET_DIR:-target}/release/deeprank-bench
 echo "| size | deeprank img/s | PIL + numpy img/s | ratio |"
 echo "|---|---|---|---|"
 for s in 64 128 224; do
-  d=$("$BIN" --threads "$THREADS" bench-decode --data "$DATA/val" --size "$s" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
+  d=$("$BENCH" --threads "$THREADS" decode --data "$DATA/val" --size "$s" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
   p=$("$PYTHON" bench/pil_decode.py "$DATA/val" "$s" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
   echo "| $s | $d | $p | $(python3 -c "print(f'{$d/$p:.2f}x')") |"
 done

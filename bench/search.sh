@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-bench/.venv/bin/python}
 export THREADS=${THREADS:-2}
 cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/deeprank
+BENCH=${CARGO_TARGET_DIR:-target}/release/deeprank-bench
 DIR=${DIR:-/tmp/deeprank-bench/search}
 echo "| DB | queries | deeprank s | FAISS s | ratio (FAISS time / deeprank time) |"
 echo "|---|---|---|---|---|"
 for n in 100000 1000000; do
   for nq in 1 1000; do
-    line=$("$BIN" --threads "$THREADS" bench-search --dir "$DIR" --n "$n" --queries "$nq" --k 10 --runs 3)
+    line=$("$BENCH" --threads "$THREADS" search --dir "$DIR" --n "$n" --queries "$nq" --k 10 --runs 3)
     d=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$line")
     db=$(sed -n 's/.* db=\([^ ]*\).*/\1/p' <<<"$line")
     q=$(sed -n 's/.* q=\([^ ]*\).*/\1/p' <<<"$line")

@@ -13,11 +13,12 @@ export THREADS=${THREADS:-2}
 STEPS=${STEPS:-5}
 cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/deeprank
+BENCH=${CARGO_TARGET_DIR:-target}/release/deeprank-bench
 W=$("$BIN" weights fetch)
 echo "| size | deeprank img/s | PyTorch img/s | ratio |"
 echo "|---|---|---|---|"
 for s in $SIZES; do
-  d=$("$BIN" --threads "$THREADS" bench-train --data "$DATA/val" --size "$s" --steps "$STEPS" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
+  d=$("$BENCH" --threads "$THREADS" train --data "$DATA/val" --size "$s" --steps "$STEPS" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
   t=$("$PYTHON" bench/torch_train_step.py ../shared/reference/torch_reference.py "$W" "$DATA/val" "$s" 16 128 2 "$STEPS" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
   echo "| $s | $d | $t | $(python3 -c "print(f'{$d/$t:.2f}x')") |"
 done

@@ -1,9 +1,10 @@
 //! Measurement helpers for `bench/`: reproducible random vectors written as `.npy` (so the FAISS
-//! anchor reads the same arrays) and timed exact searches over them; timed decoding and training
-//! steps.
+//! anchor reads the same arrays) and timed exact searches over them; timed decoding. (The timed
+//! training step is the trainer's own, `train::step::time_train`.)
 
-use crate::db::{NpyMap, NpyWriter};
-use crate::index::search;
+use crate::data::transform;
+use crate::search::index::search;
+use crate::store::npy::{NpyMap, NpyWriter};
 use anyhow::Result;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -69,10 +70,10 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
         let ok = bytes
             .par_iter()
             .map(|b| -> Result<Vec<f32>> {
-                let img = crate::transform::decode_rgb(b, crate::transform::DEFAULT_MAX_PIXELS)?;
-                let img = crate::transform::resize_rgb(&img, size)?;
+                let img = transform::decode_rgb(b, transform::DEFAULT_MAX_PIXELS)?;
+                let img = transform::resize_rgb(&img, size)?;
                 let mut v = vec![0f32; per];
-                crate::transform::normalise_chw(&img, &mut v)?;
+                transform::normalise_chw(&img, &mut v)?;
                 Ok(v)
             })
             .filter(|r| r.is_ok())
@@ -85,38 +86,4 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
         );
     }
     Ok(best)
-}
-
-/// Times the trainer's step (seed recipe at `size` px with a `dim`-d head) on a fixed batch of the
-/// first `3·triplets` images of `data`'s val split: mean seconds per step after `warmup`, and the
-/// last loss.
-pub fn time_train(
-    data: &Path,
-    size: u32,
-    triplets: usize,
-    dim: usize,
-    warmup: usize,
-    steps: usize,
-) -> Result<(f64, f32)> {
-    use crate::dataset::{Dataset, Split};
-    use crate::train::{Recipe, TrainConfig, time_steps};
-    let ds = Dataset::open(data, Split::Val)?;
-    let paths: Vec<PathBuf> = ds
-        .items
-        .iter()
-        .take(3 * triplets)
-        .map(|i| i.path.clone())
-        .collect();
-    let (buf, ok, skipped) = crate::embed::decode_batch(&paths, size);
-    if ok.len() < 3 * triplets || !skipped.is_empty() {
-        anyhow::bail!(
-            "bench-train needs {} decodable images in {}",
-            3 * triplets,
-            data.display()
-        );
-    }
-    let mut cfg = TrainConfig::recipe(Recipe::Seed, data.to_path_buf());
-    cfg.size = size;
-    cfg.dim = dim;
-    time_steps(&cfg, buf, triplets, warmup, steps)
 }

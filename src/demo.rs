@@ -1,11 +1,14 @@
 //! `deeprank demo`: fetch the weights, embed the bundled Tiny ImageNet sample, evaluate, query a few
 //! images and write result grids and a short report.
 
-use crate::dataset::{Dataset, Split};
-use crate::db::Db;
-use crate::embed::{Embedder, embed_dataset};
-use crate::eval::evaluate;
-use crate::{grid, query, weights};
+use crate::data::dataset::{Dataset, Split};
+use crate::infer::embedder::Embedder;
+use crate::model::weights;
+use crate::render::grid;
+use crate::search::eval::evaluate;
+use crate::search::query;
+use crate::store::build::embed_dataset;
+use crate::store::db::Db;
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,21 @@ pub struct DemoOptions {
     pub top: usize,
     pub batch: usize,
     pub weights: Option<PathBuf>,
+}
+
+/// One query per class, the first val image of each, up to `n`.
+fn pick_queries(val: &Dataset, n: usize) -> Vec<PathBuf> {
+    let mut picked = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for it in &val.items {
+        if picked.len() >= n {
+            break;
+        }
+        if seen.insert(it.class) {
+            picked.push(it.path.clone());
+        }
+    }
+    picked
 }
 
 /// Runs the demo; returns the path of the report.
@@ -66,17 +84,7 @@ pub fn run(opts: &DemoOptions) -> Result<PathBuf> {
     let ks = [1, 5, 10];
     let ev = evaluate(&emb, &db, &val, &ks, opts.batch)?;
 
-    // One query per class, the first val image of each, up to `queries`.
-    let mut picked = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for it in &val.items {
-        if picked.len() >= opts.queries {
-            break;
-        }
-        if seen.insert(it.class) {
-            picked.push(it.path.clone());
-        }
-    }
+    let picked = pick_queries(&val, opts.queries);
     let results = query::query(&db, &emb, &picked, opts.top)?;
     let mut report = String::new();
     writeln!(report, "# deeprank demo\n")?;
@@ -104,7 +112,7 @@ pub fn run(opts: &DemoOptions) -> Result<PathBuf> {
     let mut grids = Vec::new();
     for (i, q) in results.iter().enumerate() {
         let g = opts.out.join(format!("query-{}.png", i + 1));
-        grid::write(q, &g)?;
+        grid::write(&q.grid(), &g)?;
         let same = q
             .results
             .iter()

@@ -1,24 +1,23 @@
 //! deeprank: image similarity search with a triplet deep-ranking network.
 //!
-//! The data path, one module per stage: [`dataset`] → [`sampler`] → [`transform`] → [`model`]
-//! ([`weights`]) → [`embed`] ([`engine`] on the CPU, [`fused`] elsewhere) → [`db`] / [`index`] →
-//! [`query`] / [`eval`] ([`grid`]) → [`demo`]; [`train`] fine-tunes the network, [`serve`] answers
-//! over HTTP.
+//! Each folder is a stage of the data path, and a module uses only its own stage and those listed
+//! before it (checked by `tests/architecture.rs`; see `docs/ARCHITECTURE.md`):
+//! [`progress`] → [`data`] (datasets, decoding, augmentation) → [`model`] (Lite0, weights, the
+//! embedding network, a run's identity and folder, the device) → [`cpu`] (deeprank's own kernels:
+//! the inference engine and the training pass) → [`infer`] (the embedder) → [`store`] (npy, DB
+//! folders) → [`render`] (grids, plots) → [`search`] (index, query, metrics) → [`train`]
+//! (fine-tuning) → [`demo`], [`serve`] → [`benchkit`]. The `deeprank` binary (`src/main.rs`,
+//! `src/cli/`) and `deeprank-bench` (`src/bin/`) sit on top.
 
 pub mod benchkit;
-pub mod dataset;
-pub mod db;
+pub mod cpu;
+pub mod data;
 pub mod demo;
-pub mod embed;
-pub mod engine;
-pub mod eval;
-pub mod fused;
-pub mod grid;
-pub mod index;
+pub mod infer;
 pub mod model;
-pub mod query;
-pub mod sampler;
+pub mod progress;
+pub mod render;
+pub mod search;
 pub mod serve;
+pub mod store;
 pub mod train;
-pub mod transform;
-pub mod weights;

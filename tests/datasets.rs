@@ -2,8 +2,8 @@
 
 mod common;
 
-use deeprank::dataset::{Dataset, Layout, Split};
-use deeprank::sampler;
+use deeprank::data::dataset::{Dataset, Layout, Split};
+use deeprank::data::sampler;
 use std::collections::HashSet;
 
 #[test]

@@ -3,8 +3,8 @@
 
 mod common;
 
-use deeprank::embed::Embedder;
-use deeprank::transform;
+use deeprank::data::transform;
+use deeprank::infer::embedder::Embedder;
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -104,11 +104,14 @@ fn decode_and_resize_match_pil() {
 #[test]
 fn classifier_recognises_sample_val_images() {
     // ImageNet top-1 restricted to the 10 sample classes, on the 60 bundled val images at 128 px.
-    let ds =
-        deeprank::dataset::Dataset::open(&common::sample(), deeprank::dataset::Split::Val).unwrap();
+    let ds = deeprank::data::dataset::Dataset::open(
+        &common::sample(),
+        deeprank::data::dataset::Split::Val,
+    )
+    .unwrap();
     let emb = Embedder::pretrained(Some(&common::weights()), 128, false).unwrap();
     let wnids = common::fixtures().join("imagenet1k_wnids.txt");
-    let r = deeprank::eval::imagenet_top1(&emb, &ds, &wnids, 32).unwrap();
+    let r = deeprank::search::eval::imagenet_top1(&emb, &ds, &wnids, 32).unwrap();
     assert_eq!(r.images, 60);
     assert!(r.top1 > 0.7, "top-1 on the sample val = {:.3}", r.top1);
 }
@@ -116,9 +119,9 @@ fn classifier_recognises_sample_val_images() {
 #[test]
 fn safetensors_weights_load_like_the_pth() {
     use burn::store::{ModuleSnapshot, SafetensorsStore};
-    let dev = deeprank::embed::device();
+    let dev = deeprank::model::device::device();
     let w = common::weights();
-    let model = deeprank::weights::load_lite0(&w, &dev).unwrap();
+    let model = deeprank::model::weights::load_lite0(&w, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("lite0.safetensors");
     model
@@ -139,14 +142,14 @@ fn safetensors_weights_load_like_the_pth() {
     // Weights of another shape are refused with a message, not a panic.
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, b"garbage").unwrap();
-    assert!(deeprank::weights::load_lite0(&bad, &dev).is_err());
+    assert!(deeprank::model::weights::load_lite0(&bad, &dev).is_err());
 }
 
 #[test]
 fn folded_batchnorm_path_matches_the_plain_network() {
-    let dev = deeprank::embed::device();
-    let model = deeprank::weights::load_lite0(&common::weights(), &dev).unwrap();
-    let fused = deeprank::fused::FusedLite0::new(&model).unwrap();
+    let dev = deeprank::model::device::device();
+    let model = deeprank::model::weights::load_lite0(&common::weights(), &dev).unwrap();
+    let fused = deeprank::infer::fused::FusedLite0::new(&model).unwrap();
     for size in [64usize, 128] {
         // Real images and random inputs.
         let x = mixed_inputs(size);
@@ -193,10 +196,10 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn cpu_engine_matches_the_plain_network() {
-    use deeprank::engine::{Engine, Output};
-    use deeprank::train::net::{Arch, EmbedNet};
-    let dev = deeprank::embed::device();
-    let model = deeprank::weights::load_lite0(&common::weights(), &dev).unwrap();
+    use deeprank::cpu::engine::{Engine, Output};
+    use deeprank::model::net::{Arch, EmbedNet};
+    let dev = deeprank::model::device::device();
+    let model = deeprank::model::weights::load_lite0(&common::weights(), &dev).unwrap();
     let engine = Engine::new(&model).unwrap();
     for size in [64usize, 96, 128] {
         let x = mixed_inputs(size);

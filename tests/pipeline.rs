@@ -2,10 +2,12 @@
 
 mod common;
 
-use deeprank::dataset::{Dataset, Split};
-use deeprank::db::{Db, NpyMap};
-use deeprank::embed::{Embedder, embed_dataset};
-use deeprank::{eval, query};
+use deeprank::data::dataset::{Dataset, Split};
+use deeprank::infer::embedder::Embedder;
+use deeprank::search::{eval, query};
+use deeprank::store::build::embed_dataset;
+use deeprank::store::db::Db;
+use deeprank::store::npy::NpyMap;
 use std::path::{Path, PathBuf};
 
 fn embedder(size: u32) -> Embedder {
@@ -168,14 +170,15 @@ fn decompression_bombs_are_refused_before_decoding() {
     jpg[sof + 5..sof + 7].copy_from_slice(&60_000u16.to_be_bytes());
     jpg[sof + 7..sof + 9].copy_from_slice(&60_000u16.to_be_bytes());
     let e =
-        deeprank::transform::decode_rgb(&jpg, deeprank::transform::DEFAULT_MAX_PIXELS).unwrap_err();
+        deeprank::data::transform::decode_rgb(&jpg, deeprank::data::transform::DEFAULT_MAX_PIXELS)
+            .unwrap_err();
     assert!(
         e.to_string().contains("60000x60000") && e.to_string().contains("over the limit"),
         "{e}"
     );
     // A real image over a (small) pixel limit is refused the same way.
     let jpg = std::fs::read(common::sample().join("val/images/val_68.JPEG")).unwrap();
-    let e = deeprank::transform::decode_rgb(&jpg, 1000).unwrap_err();
+    let e = deeprank::data::transform::decode_rgb(&jpg, 1000).unwrap_err();
     assert!(e.to_string().contains("64x64"), "{e}");
 }
 

@@ -463,7 +463,7 @@ fn unreadable_training_images_are_skipped_and_counted() {
 }
 
 /// Gradients (and BatchNorm running averages) of one step through deeprank's own backbone pass
-/// (`train::fast`) against burn's autodiff of the same network: full fine-tuning with frozen
+/// (`cpu::pass`, through `train::glue`) against burn's autodiff of the same network: full fine-tuning with frozen
 /// BatchNorm (every convolution, depthwise and ReLU6 backward; relative error ~1e-6 measured, 1e-4
 /// allowed), full and partial fine-tuning with BatchNorm in training mode (~1e-5 in the upper
 /// blocks; up to ~2e-3 below block 5, where a ReLU6 input within rounding of 0 or 6 falls on the
@@ -472,8 +472,10 @@ fn unreadable_training_images_are_skipped_and_counted() {
 #[test]
 fn fast_backbone_pass_matches_burns_autodiff() {
     use burn::prelude::*;
-    use deeprank::train::net::POOLED_LEVEL;
-    use deeprank::train::{BnMode, Recipe, TrainConfig, apply_freeze, build_net, fast, loss};
+    use deeprank::model::net::POOLED_LEVEL;
+    use deeprank::train::config::{BnMode, Recipe, TrainConfig, build_net};
+    use deeprank::train::optim::apply_freeze;
+    use deeprank::train::{glue, loss};
 
     let w = common::weights();
     let size = 64usize;
@@ -482,9 +484,9 @@ fn fast_backbone_pass_matches_burns_autodiff() {
         .map(|e| e.unwrap().path())
         .take(6)
         .collect();
-    let (buf, ok, _) = deeprank::embed::decode_batch(&images, size as u32);
+    let (buf, ok, _) = deeprank::data::batch::decode_batch(&images, size as u32);
     assert_eq!(ok.iter().filter(|&&o| o).count(), 6);
-    let ad = deeprank::embed::device().autodiff();
+    let ad = deeprank::model::device::device().autodiff();
 
     for (freeze, bn) in [
         (0usize, BnMode::Frozen),
@@ -504,7 +506,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
             let model = apply_freeze(build_net(&cfg, &ad).unwrap(), &cfg).unwrap();
             let mut pending = None;
             let emb = if fast_path {
-                let (input, p) = fast::prefix(
+                let (input, p) = glue::prefix(
                     &model,
                     buf.clone(),
                     6,

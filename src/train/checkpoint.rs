@@ -3,9 +3,123 @@
 //! temporary file, synced, then renamed over the previous one, so a crash mid-write never leaves a
 //! broken latest checkpoint.
 
-use anyhow::{Context, Result, bail};
+use crate::model::net::EmbedNet;
+use crate::train::config::TrainConfig;
+use crate::train::report::EpochMetrics;
+use anyhow::{Context, Result, anyhow, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
+
+pub const CHECKPOINT: &str = "checkpoint.bin";
+
+/// Sums over the steps of the current epoch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Accum {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub steps: usize,
+    pub triplets: usize,
+}
+
+/// Where a run stands (saved in every checkpoint).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    pub config: TrainConfig,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Steps done in the current epoch.
+    pub step_in_epoch: usize,
+    pub global_step: usize,
+    pub lr_scale: f64,
+    pub best: Option<f64>,
+    pub bad_epochs: usize,
+    pub history: Vec<EpochMetrics>,
+    pub accum: Accum,
+    pub train_seconds: f64,
+    pub wall_seconds: f64,
+    pub skipped_images: Vec<String>,
+}
+
+/// The checkpoint to resume from when `resume` (its state and parts, after checking that it was
+/// made with `cfg`, unless `force`); None when starting. Refuses to start over a run without
+/// `force`.
+pub fn resume_point(
+    cfg: &TrainConfig,
+    run: &Path,
+    resume: bool,
+    force: bool,
+) -> Result<Option<(TrainState, Parts)>> {
+    let ckpt_path = run.join(CHECKPOINT);
+    if resume {
+        if !ckpt_path.is_file() {
+            bail!("nothing to resume: {} has no {CHECKPOINT}", run.display());
+        }
+        let parts = read(&ckpt_path)?;
+        let state: TrainState = serde_json::from_slice(&parts.state_json)
+            .with_context(|| format!("{} is damaged", ckpt_path.display()))?;
+        let diff = cfg.differences(&state.config);
+        if !diff.is_empty() && !force {
+            bail!(
+                "the run in {} was started with another config ({}); resume with the same flags, or add --force",
+                run.display(),
+                diff.join("; ")
+            );
+        }
+        return Ok(Some((state, parts)));
+    } else if ckpt_path.exists() && !force {
+        bail!(
+            "{} already holds a run: add --resume to continue it, --force to start over, or pick another --out",
+            run.display()
+        );
+    }
+    Ok(None)
+}
+
+/// Loads a checkpoint's model and optimiser records into `model` and `optim`.
+pub fn restore(
+    parts: Parts,
+    model: EmbedNet,
+    optim: ModuleOptimizer,
+) -> Result<(EmbedNet, ModuleOptimizer)> {
+    let rec = ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(parts.model))
+        .map_err(|e| anyhow!("checkpoint model: {e:?}"))?;
+    let model = model
+        .try_load_record(rec)
+        .map_err(|e| anyhow!("checkpoint model: {e:?}"))?;
+    let optim = optim
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(parts.optimizer))
+        .map_err(|e| anyhow!("checkpoint optimizer: {e:?}"))?;
+    Ok((model, optim))
+}
+
+/// Writes the run's checkpoint (atomically): `state`, the model and the optimiser.
+pub fn save_checkpoint(
+    run: &Path,
+    model: &EmbedNet,
+    optim: &ModuleOptimizer,
+    state: &TrainState,
+) -> Result<()> {
+    let rec = model
+        .valid()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| anyhow!("model record: {e:?}"))?;
+    let opt = optim
+        .into_bytes()
+        .map_err(|e| anyhow!("optimizer record: {e:?}"))?;
+    write(
+        &run.join(CHECKPOINT),
+        &Parts {
+            state_json: serde_json::to_vec(state)?,
+            model: rec.to_vec(),
+            optimizer: opt.to_vec(),
+        },
+    )
+}
 
 const MAGIC: &[u8; 8] = b"DRCKPT01";
 

@@ -17,7 +17,7 @@ pub fn fixtures() -> PathBuf {
 pub fn weights() -> PathBuf {
     static W: OnceLock<PathBuf> = OnceLock::new();
     W.get_or_init(|| {
-        deeprank::weights::fetch().unwrap_or_else(|e| {
+        deeprank::model::weights::fetch().unwrap_or_else(|e| {
             panic!("these tests need the ImageNet weights: `deeprank weights fetch` failed: {e:#}")
         })
     })

@@ -111,7 +111,7 @@ pub struct Lite0 {
 }
 
 impl Lite0 {
-    /// A randomly initialised network (load weights with [`crate::weights::load_lite0`]).
+    /// A randomly initialised network (load weights with [`crate::model::weights::load_lite0`]).
     pub fn new(device: &Device) -> Self {
         let mut blocks = Vec::new();
         let mut cin = 32;

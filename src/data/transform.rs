@@ -138,3 +138,13 @@ pub fn load_tensor(path: &Path, size: u32, out: &mut [f32]) -> Result<(), ImageE
     let img = resize_rgb(&img, size).map_err(|e| ImageError::Decode(e.to_string()))?;
     normalise_chw(&img, out).map_err(|e| ImageError::Decode(e.to_string()))
 }
+
+/// Input sides the network accepts (multiples of 32 keep every stride exact).
+pub fn check_size(size: u32) -> Result<()> {
+    if !(32..=1024).contains(&size) || !size.is_multiple_of(32) {
+        bail!(
+            "--size {size} is not supported: use a multiple of 32 between 32 and 1024 (e.g. 64, 128, 224)"
+        );
+    }
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! `plot.png`: training loss and validation P@30 against epochs, like the seed's loss figure.
 //! Drawn with the bitmap font of the result grids, so it needs no system fonts.
 
-use crate::grid::draw_text;
+use crate::render::font::draw_text;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 use std::path::Path;

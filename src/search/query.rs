@@ -1,8 +1,9 @@
 //! The seed's test stage: embed query images, rank the DB by Euclidean distance, return the top N.
 
-use crate::db::Db;
-use crate::embed::{Embedder, ModelSpec};
-use crate::index::search;
+use crate::infer::embedder::{Embedder, ModelSpec};
+use crate::render::grid::{Grid, GridRow, Mark};
+use crate::search::index::search;
+use crate::store::db::Db;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -64,6 +65,36 @@ pub struct QueryResult {
     pub class_id: Option<String>,
     pub class_name: Option<String>,
     pub results: Vec<ResultRow>,
+}
+
+impl QueryResult {
+    /// The result picture's rows: the query captioned with its class (name, else id, else
+    /// unknown), each result with its class name and whether it shares the query's class.
+    pub fn grid(&self) -> Grid {
+        Grid {
+            query: self.image.clone(),
+            caption: self
+                .class_name
+                .clone()
+                .or_else(|| self.class_id.clone())
+                .unwrap_or_else(|| "class unknown".into()),
+            rows: self
+                .results
+                .iter()
+                .map(|r| GridRow {
+                    path: r.path.clone(),
+                    rank: r.rank,
+                    distance: r.distance,
+                    caption: r.class_name.clone(),
+                    mark: match r.same_class {
+                        Some(true) => Mark::Same,
+                        Some(false) => Mark::Different,
+                        None => Mark::Unknown,
+                    },
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Tells a query image's class from where it lies: `<class>/x.jpg`, `<class>/images/x.jpg`, or a

@@ -1,13 +1,12 @@
 //! Result pictures like the seed's figures: the query, then its top N as thumbnails with rank,
 //! distance and class under each, framed green (same class as the query), red (different) or grey
-//! (unknown).
+//! (unknown). Drawn from plain rows, so it knows nothing of search.
 
-use crate::query::QueryResult;
-use crate::transform;
+use crate::data::transform;
+use crate::render::font::draw_text;
 use anyhow::{Context, Result};
-use font8x8::legacy::BASIC_LEGACY;
 use image::{Rgb, RgbImage};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const TILE: u32 = 128;
 const PAD: u32 = 8;
@@ -20,28 +19,6 @@ const SAME: Rgb<u8> = Rgb([30, 160, 60]);
 const DIFF: Rgb<u8> = Rgb([210, 40, 40]);
 const UNKNOWN: Rgb<u8> = Rgb([150, 150, 150]);
 const QUERY: Rgb<u8> = Rgb([40, 90, 220]);
-
-/// Draws ASCII text with the 8×8 bitmap font; characters outside ASCII print as '?'.
-pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, color: Rgb<u8>) {
-    for (i, ch) in text.chars().enumerate() {
-        let c = if ch.is_ascii() {
-            ch as usize
-        } else {
-            b'?' as usize
-        };
-        let glyph = BASIC_LEGACY[c];
-        for (row, bits) in glyph.iter().enumerate() {
-            for col in 0..8 {
-                if bits >> col & 1 == 1 {
-                    let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
-                    if px < img.width() && py < img.height() {
-                        img.put_pixel(px, py, color);
-                    }
-                }
-            }
-        }
-    }
-}
 
 fn fit(s: &str, chars: usize) -> String {
     if s.chars().count() <= chars {
@@ -72,11 +49,37 @@ fn tile(img: &mut RgbImage, x: u32, y: u32, path: &Path, frame: Rgb<u8>, lines: 
     draw_text(img, x, y + TILE + 13, &fit(lines[1], chars), INK);
 }
 
+/// Whether a result shares the query's class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    Same,
+    Different,
+    Unknown,
+}
+
+/// One result tile: the image, its rank and distance, and the caption under it (its class).
+#[derive(Clone, Debug)]
+pub struct GridRow {
+    pub path: PathBuf,
+    pub rank: usize,
+    pub distance: f32,
+    pub caption: String,
+    pub mark: Mark,
+}
+
+/// The query tile (its image and a caption: its class, or that it is unknown) and the result rows.
+#[derive(Clone, Debug)]
+pub struct Grid {
+    pub query: PathBuf,
+    pub caption: String,
+    pub rows: Vec<GridRow>,
+}
+
 /// Renders one query and its results to an image.
-pub fn render(q: &QueryResult) -> RgbImage {
+pub fn render(q: &Grid) -> RgbImage {
     let cell_w = TILE + PAD;
     let cell_h = TILE + CAPTION + PAD;
-    let rows = (q.results.len() as u32).div_ceil(COLS).max(1);
+    let rows = (q.rows.len() as u32).div_ceil(COLS).max(1);
     let width = PAD + cell_w * (COLS + 1) + PAD;
     let height = PAD + 12 + cell_h * rows;
     let mut img = RgbImage::from_pixel(width, height, BG);
@@ -85,43 +88,38 @@ pub fn render(q: &QueryResult) -> RgbImage {
         &mut img,
         PAD + cell_w + PAD,
         PAD,
-        &format!("top {} by Euclidean distance", q.results.len()),
+        &format!("top {} by Euclidean distance", q.rows.len()),
         INK,
     );
     let y0 = PAD + 12;
-    let qname = q
-        .class_name
-        .clone()
-        .or_else(|| q.class_id.clone())
-        .unwrap_or_else(|| "class unknown".into());
     let qfile = q
-        .image
+        .query
         .file_name()
         .map(|f| f.to_string_lossy().to_string())
         .unwrap_or_default();
-    tile(&mut img, PAD, y0, &q.image, QUERY, [&qfile, &qname]);
-    for (i, r) in q.results.iter().enumerate() {
+    tile(&mut img, PAD, y0, &q.query, QUERY, [&qfile, &q.caption]);
+    for (i, r) in q.rows.iter().enumerate() {
         let (col, row) = (i as u32 % COLS, i as u32 / COLS);
         let x = PAD + cell_w * (col + 1) + PAD;
         let y = y0 + cell_h * row;
-        let frame = match r.same_class {
-            Some(true) => SAME,
-            Some(false) => DIFF,
-            None => UNKNOWN,
+        let frame = match r.mark {
+            Mark::Same => SAME,
+            Mark::Different => DIFF,
+            Mark::Unknown => UNKNOWN,
         };
-        let mark = match r.same_class {
-            Some(true) => "+",
-            Some(false) => "x",
-            None => "",
+        let mark = match r.mark {
+            Mark::Same => "+",
+            Mark::Different => "x",
+            Mark::Unknown => "",
         };
         let l1 = format!("#{} d={:.3}{}", r.rank, r.distance, mark);
-        tile(&mut img, x, y, &r.path, frame, [&l1, &r.class_name]);
+        tile(&mut img, x, y, &r.path, frame, [&l1, &r.caption]);
     }
     img
 }
 
 /// Writes the picture of one query to `out` (PNG).
-pub fn write(q: &QueryResult, out: &Path) -> Result<()> {
+pub fn write(q: &Grid, out: &Path) -> Result<()> {
     if let Some(p) = out.parent()
         && !p.as_os_str().is_empty()
     {

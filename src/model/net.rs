@@ -8,8 +8,7 @@
 //! included), level 17 the pooled 1280-d features, level 0 the input. With `--freeze-blocks K`,
 //! everything below level K is frozen, so its output can be computed once and cached.
 
-use crate::engine::{Engine, Output};
-use crate::model::{FEATURE_DIM, Lite0};
+use crate::model::lite0::{FEATURE_DIM, Lite0};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -25,7 +24,7 @@ pub const POOLED_LEVEL: usize = 17;
 /// Channels of each shallow branch of the multiscale network.
 pub const SHALLOW_CHANNELS: usize = 96;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
     /// EfficientNet-Lite0 + linear head.
@@ -171,53 +170,6 @@ impl EmbedNet {
             small4,
             small8,
         }
-    }
-
-    /// [`EmbedNet::prefix`] of a host batch `[n][3][size][size]`, through deeprank's CPU engine
-    /// when one is given (an engine built from this network's backbone, for inference only).
-    pub fn prefix_host(
-        &self,
-        engine: Option<&Engine>,
-        batch: Vec<f32>,
-        n: usize,
-        size: usize,
-        level: usize,
-        device: &Device,
-    ) -> LevelInput {
-        let Some(engine) = engine.filter(|_| level >= 1) else {
-            let x = Tensor::from_data(TensorData::new(batch, [n, 3, size, size]), device);
-            return self.prefix(x, level);
-        };
-        let output = if level >= POOLED_LEVEL {
-            Output::Pooled
-        } else {
-            Output::Blocks(level)
-        };
-        let [c, h, w] = engine.output_shape(size, output);
-        let trunk = engine.run(&batch, n, size, output);
-        let trunk = Tensor::from_data(TensorData::new(trunk, [n, c, h, w]), device);
-        let (small4, small8) = self.small_inputs_host(batch, n, size, device);
-        LevelInput {
-            trunk,
-            small4,
-            small8,
-        }
-    }
-
-    /// Embeddings of a host batch in inference mode, the backbone through `engine` when given.
-    pub fn embed_host(
-        &self,
-        engine: Option<&Engine>,
-        batch: Vec<f32>,
-        n: usize,
-        size: usize,
-        device: &Device,
-    ) -> Tensor<2> {
-        let level = if engine.is_some() { POOLED_LEVEL } else { 0 };
-        self.suffix(
-            self.prefix_host(engine, batch, n, size, level, device),
-            level,
-        )
     }
 
     /// From the backbone's output at `level` to the embedding.

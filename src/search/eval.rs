@@ -1,11 +1,15 @@
 //! Retrieval quality: precision@k, recall@k and MAP@R of a query set against a DB, and the ImageNet
 //! top-1 check of the pretrained classifier.
 
-use crate::dataset::Dataset;
-use crate::db::Db;
-use crate::embed::{Embedder, Skipped, embed_stream};
-use crate::index::{Hit, search};
-use crate::model::NUM_CLASSES;
+use crate::data::batch::decode_batch;
+use crate::data::dataset::Dataset;
+use crate::data::skipped::Skipped;
+use crate::infer::embedder::Embedder;
+use crate::infer::stream::embed_stream;
+use crate::model::lite0::NUM_CLASSES;
+use crate::progress::progress;
+use crate::search::index::{Hit, search};
+use crate::store::db::Db;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -198,7 +202,7 @@ pub fn evaluate(
     ks: &[usize],
     batch: usize,
 ) -> Result<EvalReport> {
-    crate::query::check_compatible(db, emb)?;
+    crate::search::query::check_compatible(db, emb)?;
     let t0 = std::time::Instant::now();
     let qs = embed_queries(emb, queries, batch)?;
     let db_class: Vec<String> = db.entries.iter().map(|e| e.class_id.clone()).collect();
@@ -273,10 +277,10 @@ pub fn imagenet_top1(
         .collect::<Result<_>>()?;
     let mut correct = 0;
     let mut images = 0;
-    let pb = crate::embed::progress(ds.items.len(), "classify");
+    let pb = progress(ds.items.len(), "classify");
     for chunk in ds.items.chunks(batch.max(1)) {
         let paths: Vec<PathBuf> = chunk.iter().map(|i| i.path.clone()).collect();
-        let (buf, ok, _) = crate::embed::decode_batch(&paths, emb.size);
+        let (buf, ok, _) = decode_batch(&paths, emb.size);
         let n = ok.iter().filter(|&&o| o).count();
         let logits = emb.logits_batch(buf, n)?;
         let mut rows = logits.chunks_exact(NUM_CLASSES);

@@ -3,17 +3,16 @@
 //! dimension). Written by streaming into a temporary folder that replaces the target at the end;
 //! read through a memory map so the vectors are never loaded twice.
 
+use crate::store::npy::{NpyMap, NpyWriter};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub const VECTORS: &str = "vectors.npy";
 pub const MANIFEST: &str = "manifest.tsv";
 pub const META: &str = "meta.json";
-/// Header length of the npy files we write (a multiple of 64, so the data is aligned).
-const NPY_HEADER: usize = 128;
 
 /// What produced the vectors: a query must use the same.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -39,141 +38,6 @@ pub struct Entry {
     pub path: PathBuf,
     pub class_id: String,
     pub class_name: String,
-}
-
-fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
-    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
-    let mut h = Vec::with_capacity(NPY_HEADER);
-    h.extend_from_slice(b"\x93NUMPY\x01\x00");
-    let len = (NPY_HEADER - 10) as u16;
-    h.extend_from_slice(&len.to_le_bytes());
-    h.extend_from_slice(dict.as_bytes());
-    while h.len() < NPY_HEADER - 1 {
-        h.push(b' ');
-    }
-    h.push(b'\n');
-    h
-}
-
-/// Streams rows of f32 into a `.npy` file; the shape is written on [`NpyWriter::finish`].
-pub struct NpyWriter {
-    file: BufWriter<File>,
-    dim: usize,
-    rows: usize,
-}
-
-impl NpyWriter {
-    pub fn create(path: &Path, dim: usize) -> Result<Self> {
-        let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut file = BufWriter::with_capacity(1 << 20, f);
-        file.write_all(&npy_header(0, dim))?;
-        Ok(Self { file, dim, rows: 0 })
-    }
-
-    pub fn push(&mut self, row: &[f32]) -> Result<()> {
-        if row.len() != self.dim {
-            bail!("vector has {} values, expected {}", row.len(), self.dim);
-        }
-        for v in row {
-            self.file.write_all(&v.to_le_bytes())?;
-        }
-        self.rows += 1;
-        Ok(())
-    }
-
-    pub fn finish(mut self) -> Result<usize> {
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(&npy_header(self.rows, self.dim))?;
-        self.file.flush()?;
-        self.file.get_ref().sync_all()?;
-        Ok(self.rows)
-    }
-}
-
-/// A memory-mapped `[rows, dim]` f32 npy file.
-pub struct NpyMap {
-    map: memmap2::Mmap,
-    offset: usize,
-    pub rows: usize,
-    pub dim: usize,
-}
-
-impl NpyMap {
-    pub fn open(path: &Path) -> Result<Self> {
-        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the file is only read; deeprank replaces DB folders by rename, never in place.
-        let map = unsafe { memmap2::Mmap::map(&f) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
-        let bad = || {
-            format!(
-                "{} is not a deeprank vectors file (f32 npy)",
-                path.display()
-            )
-        };
-        if map.len() < 10 || &map[..6] != b"\x93NUMPY" {
-            bail!(bad());
-        }
-        let (hlen, start) = match map[6] {
-            1 => (u16::from_le_bytes([map[8], map[9]]) as usize, 10),
-            2 | 3 if map.len() >= 12 => (
-                u32::from_le_bytes([map[8], map[9], map[10], map[11]]) as usize,
-                12,
-            ),
-            _ => bail!(bad()),
-        };
-        let offset = start + hlen;
-        if map.len() < offset {
-            bail!(bad());
-        }
-        let header = std::str::from_utf8(&map[start..offset]).with_context(bad)?;
-        if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
-            bail!("{}: expected little-endian f32 in C order", bad());
-        }
-        let shape = header
-            .split("'shape':")
-            .nth(1)
-            .and_then(|s| s.split(')').next())
-            .with_context(bad)?;
-        let dims: Vec<usize> = shape
-            .trim()
-            .trim_start_matches('(')
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse::<usize>())
-            .collect::<Result<_, _>>()
-            .with_context(bad)?;
-        let [rows, dim] = dims[..] else {
-            bail!("{}: expected a 2-d array", bad())
-        };
-        if map.len() != offset + rows * dim * 4 {
-            bail!(
-                "{} is truncated: header says {rows}x{dim} but the file has {} bytes",
-                path.display(),
-                map.len()
-            );
-        }
-        if offset % 4 != 0 {
-            bail!("{}: data is not 4-byte aligned", bad());
-        }
-        Ok(Self {
-            map,
-            offset,
-            rows,
-            dim,
-        })
-    }
-
-    /// All vectors, row-major.
-    pub fn data(&self) -> &[f32] {
-        let bytes = &self.map[self.offset..];
-        // SAFETY: the mapping is page-aligned and offset is a multiple of 4, so the f32 view is
-        // aligned; any bit pattern is a valid f32; the length was checked against the shape.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, self.rows * self.dim) }
-    }
-
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data()[i * self.dim..(i + 1) * self.dim]
-    }
 }
 
 /// Writes a DB folder: vectors streamed to a temporary sibling folder, moved in place on finish.

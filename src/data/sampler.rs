@@ -2,7 +2,7 @@
 //! from its own class (never the query itself) and, for each positive, `n_neg` negatives from other
 //! classes. Written as `query,positive,negative` lines.
 
-use crate::dataset::Dataset;
+use crate::data::dataset::Dataset;
 use anyhow::{Context, Result, bail};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;

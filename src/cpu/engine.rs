@@ -8,42 +8,16 @@
 //! depthwise and 1×1 convolutions are where the time goes (`bench/RESULTS.md`). Results equal the
 //! plain burn network within float rounding (tested in `tests/model_golden.rs`).
 
-use crate::model::{BN_EPS, FEATURE_DIM, Lite0};
-use anyhow::{Result, anyhow, bail};
+use crate::cpu::depthwise::{DwArgs, depthwise};
+use crate::cpu::fold::fold;
+use crate::cpu::gemm::matmul_acc;
+use crate::model::device::on_cpu;
+use crate::model::lite0::{FEATURE_DIM, Lite0};
+use anyhow::{Result, bail};
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use burn::prelude::*;
 use rayon::prelude::*;
 use std::cell::RefCell;
-
-fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))
-}
-
-/// A convolution with its BatchNorm folded in: weights `[cout][cin·k·k]` (burn's order) and bias.
-pub(crate) fn fold(conv: &Conv2d, bn: &BatchNorm) -> Result<(Vec<f32>, Vec<f32>, [usize; 4])> {
-    let w = conv.weight.val();
-    let dims = w.dims();
-    let mut wv = host(w)?;
-    let gamma = host(bn.gamma.val())?;
-    let beta = host(bn.beta.val())?;
-    let mean = host(bn.running_mean.value())?;
-    let var = host(bn.running_var.value())?;
-    let out = dims[0];
-    let per = wv.len() / out;
-    let mut bias = vec![0f32; out];
-    let eps = if bn.epsilon > 0.0 { bn.epsilon } else { BN_EPS };
-    for o in 0..out {
-        let s = gamma[o] / (var[o] + eps as f32).sqrt();
-        for x in &mut wv[o * per..(o + 1) * per] {
-            *x *= s;
-        }
-        bias[o] = beta[o] - mean[o] * s;
-    }
-    Ok((wv, bias, dims))
-}
 
 /// 1×1 convolution: `[cout][cin]` weights.
 struct Pointwise {
@@ -80,76 +54,6 @@ impl Pointwise {
             }
         }
         matmul_acc(x, pixels, self.cin, &self.w, self.cout, out);
-    }
-}
-
-/// `dst[m][n] += lhs[m][k] · rhsᵀ` with `rhs` stored `[n][k]`, all row-major, single-threaded.
-fn matmul_acc(lhs: &[f32], m: usize, k: usize, rhs: &[f32], n: usize, dst: &mut [f32]) {
-    let (lrs, lcs, rrs, rcs) = (k as isize, 1, 1, k as isize);
-    gemm_rm(
-        dst,
-        [m, n, k],
-        lhs,
-        [lrs, lcs],
-        rhs,
-        [rrs, rcs],
-        true,
-        false,
-    );
-}
-
-/// Dense row-major `dst[m][n] (+)= lhs · rhs` (`dims` = [m, n, k]), the operands given by
-/// (row, column) strides over their slices: `lhs` is m × k, `rhs` is k × n. Threaded over the
-/// rayon pool when `threaded`; adds to `dst` when `accumulate`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_rm(
-    dst: &mut [f32],
-    dims: [usize; 3],
-    lhs: &[f32],
-    lhs_strides: [isize; 2],
-    rhs: &[f32],
-    rhs_strides: [isize; 2],
-    accumulate: bool,
-    threaded: bool,
-) {
-    let [m, n, k] = dims;
-    // The layouts used here are dense: every operand holds exactly its product of dimensions.
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
-    let [lrs, lcs] = lhs_strides;
-    let [rrs, rcs] = rhs_strides;
-    let far = |rs: isize, cs: isize, r: usize, c: usize| {
-        (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
-    };
-    assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
-    let par = if threaded {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every element the strides reach is inside its slice (checked above); the
-    // destination is a distinct, exclusively borrowed slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs,
-            lrs,
-            rhs.as_ptr(),
-            rcs,
-            rrs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
     }
 }
 
@@ -211,125 +115,6 @@ impl Depthwise {
     }
 }
 
-/// Depthwise convolution of one `[h][w][c]` image into `[ho][wo][c]` (padding k/2), with the CPU's
-/// widest vector instructions.
-pub(crate) fn depthwise(a: &DwArgs, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { dw_avx512(a, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { dw_avx2(a, out) };
-        }
-    }
-    dw_generic::<false>(a, out)
-}
-
-pub(crate) struct DwArgs<'a> {
-    pub x: &'a [f32],
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub k: usize,
-    pub stride: usize,
-    /// Tap-major weights `[k·k][c]`.
-    pub wt: &'a [f32],
-    pub bias: &'a [f32],
-    /// Clamp the outputs to [0, 6] (ReLU6).
-    pub relu6: bool,
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dw_avx512(a: &DwArgs, out: &mut [f32]) {
-    dw_generic::<true>(a, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dw_avx2(a: &DwArgs, out: &mut [f32]) {
-    dw_generic::<true>(a, out)
-}
-
-/// `acc + x·w`, fused when the caller is compiled with FMA.
-#[inline(always)]
-pub(crate) fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
-    if FMA { x.mul_add(w, acc) } else { acc + x * w }
-}
-
-/// One block of `CB` channels starting at `c0` for output pixel (oy, ox).
-#[inline(always)]
-fn dw_pixel<const CB: usize, const FMA: bool>(
-    a: &DwArgs,
-    c0: usize,
-    ky: std::ops::Range<usize>,
-    kx: std::ops::Range<usize>,
-    iy0: isize,
-    ix0: isize,
-    out: &mut [f32],
-) {
-    let c = a.c;
-    let mut acc = [0f32; CB];
-    acc.copy_from_slice(&a.bias[c0..c0 + CB]);
-    for dy in ky {
-        let iy = (iy0 + dy as isize) as usize;
-        for dx in kx.clone() {
-            let ix = (ix0 + dx as isize) as usize;
-            let src = &a.x[(iy * a.w + ix) * c + c0..][..CB];
-            let wr = &a.wt[(dy * a.k + dx) * c + c0..][..CB];
-            for t in 0..CB {
-                acc[t] = madd::<FMA>(acc[t], src[t], wr[t]);
-            }
-        }
-    }
-    let o = &mut out[..CB];
-    if a.relu6 {
-        for t in 0..CB {
-            o[t] = acc[t].clamp(0.0, 6.0);
-        }
-    } else {
-        o.copy_from_slice(&acc);
-    }
-}
-
-#[inline(always)]
-fn dw_generic<const FMA: bool>(a: &DwArgs, out: &mut [f32]) {
-    let (k, s, c) = (a.k, a.stride, a.c);
-    let p = (k / 2) as isize;
-    let ho = (a.h + 2 * (k / 2) - k) / s + 1;
-    let wo = (a.w + 2 * (k / 2) - k) / s + 1;
-    let taps = |o: usize, side: usize| {
-        let i0 = (o * s) as isize - p;
-        let lo = (-i0).max(0) as usize;
-        let hi = ((side as isize - i0).min(k as isize)).max(0) as usize;
-        (i0, lo..hi)
-    };
-    for oy in 0..ho {
-        let (iy0, ky) = taps(oy, a.h);
-        for ox in 0..wo {
-            let (ix0, kx) = taps(ox, a.w);
-            let o = &mut out[(oy * wo + ox) * c..(oy * wo + ox + 1) * c];
-            let mut c0 = 0;
-            while c0 + 32 <= c {
-                dw_pixel::<32, FMA>(a, c0, ky.clone(), kx.clone(), iy0, ix0, &mut o[c0..]);
-                c0 += 32;
-            }
-            while c0 + 8 <= c {
-                dw_pixel::<8, FMA>(a, c0, ky.clone(), kx.clone(), iy0, ix0, &mut o[c0..]);
-                c0 += 8;
-            }
-            while c0 < c {
-                dw_pixel::<1, FMA>(a, c0, ky.clone(), kx.clone(), iy0, ix0, &mut o[c0..]);
-                c0 += 1;
-            }
-        }
-    }
-}
-
 struct Block {
     expand: Option<Pointwise>,
     dw: Depthwise,
@@ -339,7 +124,7 @@ struct Block {
 
 /// The stem's im2col for one `[3][side][side]` image: `[ho·ho][27]` (ho = side/2; 3×3 stride 2,
 /// padding 1), burn's `[ci][ky][kx]` order; every value written (padding as 0).
-pub(crate) fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
+pub fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
     let ho = side / 2;
     for oy in 0..ho {
         for ox in 0..ho {
@@ -560,4 +345,13 @@ impl Engine {
             }
         }
     }
+}
+
+/// deeprank's CPU engine for `backbone` when computing on the CPU (None on other devices).
+pub fn cpu_engine(backbone: &Lite0) -> Result<Option<Engine>> {
+    Ok(if on_cpu() {
+        Some(Engine::new(backbone)?)
+    } else {
+        None
+    })
 }

@@ -6,30 +6,23 @@
 //!
 //! The rest of the step stays in burn: the backbone's pooled features enter burn's graph as a leaf
 //! tensor, burn runs the head and the ranking loss and hands back the leaf's gradient, and this module
-//! turns it into the backbone parameters' gradients, registered with burn's optimiser like any
-//! other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
+//! turns it into the backbone parameters' gradients ([`Backward`]), which the trainer's glue
+//! (`crate::train::glue`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
-use crate::engine::{self, DwArgs, Engine, Output, gemm_rm, madd};
-use crate::model::Lite0;
-use crate::train::net::{EmbedNet, LevelInput, POOLED_LEVEL};
-use anyhow::{Result, anyhow, bail};
+use crate::cpu::depthwise::{DwArgs, DwBack, depthwise, dw_back_one};
+use crate::cpu::engine::{self, Engine, Output};
+use crate::cpu::gemm::{matmul_nn, matmul_nt, matmul_tn};
+use crate::cpu::norm::{ROWS_PER_TASK, col_moments, masked_col_dot, norm_back_rows, norm_rows};
+use crate::model::device::{device, to_vec as host};
+use crate::model::lite0::Lite0;
+use crate::model::net::POOLED_LEVEL;
+use anyhow::{Result, bail};
 use burn::module::ParamId;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::Gradients;
 use rayon::prelude::*;
-
-fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))
-}
-
-/// Rows per task of the threaded row passes.
-const ROWS_PER_TASK: usize = 512;
 
 struct Bn {
     gamma: Vec<f32>,
@@ -121,7 +114,7 @@ impl Conv {
         } else {
             g
         };
-        Tensor::from_data(TensorData::new(g, self.dims), &crate::embed::device())
+        Tensor::from_data(TensorData::new(g, self.dims), &device())
     }
 }
 
@@ -178,7 +171,7 @@ pub struct Tape {
 }
 
 impl Backbone {
-    /// Reads the layers of `m` above `level` (0 ≤ level < 17; see [`crate::train::net`]).
+    /// Reads the layers of `m` above `level` (0 ≤ level < 17; see [`crate::model::net`]).
     pub fn read(m: &Lite0, level: usize, train_bn: bool) -> Result<Self> {
         if level >= POOLED_LEVEL {
             bail!("level {level}: nothing of the backbone trains");
@@ -378,7 +371,12 @@ impl Backbone {
         let c = bn.gamma.len();
         // One pass: the ReLU6 mask applied to `d` (where γ·x̂ + β is outside (0, 6)), and the
         // column sums of d and d·x̂.
-        let (sum_d, sum_dx) = masked_col_dot(&mut d, &t.xhat, c, relu6.then_some(bn));
+        let (sum_d, sum_dx) = masked_col_dot(
+            &mut d,
+            &t.xhat,
+            c,
+            relu6.then_some((&bn.gamma[..], &bn.beta[..])),
+        );
         let rows = (d.len() / c) as f32;
         let g: Vec<f32> = (0..c).map(|j| bn.gamma[j] * t.invstd[j]).collect();
         let (md, mdx): (Vec<f32>, Vec<f32>) = if self.train_bn {
@@ -392,7 +390,7 @@ impl Backbone {
         d.par_chunks_mut(ROWS_PER_TASK * c)
             .zip(t.xhat.par_chunks(ROWS_PER_TASK * c))
             .for_each(|(dc, xc)| norm_back_rows(dc, xc, c, &g, &md, &mdx));
-        let dev = crate::embed::device();
+        let dev = device();
         out.grads.push((
             bn.gamma_id,
             Grad::D1(Tensor::from_data(TensorData::new(sum_dx, [c]), &dev)),
@@ -434,91 +432,6 @@ impl Backward {
     fn push_weight(&mut self, conv: &Conv, g: Vec<f32>) {
         self.grads.push((conv.id, Grad::D4(conv.weight_grad(g))));
     }
-
-    /// Registers the gradients and stores the running averages in `model`'s backbone.
-    pub fn apply(self, grads: &mut GradientsParams, model: &EmbedNet) {
-        for (id, g) in self.grads {
-            match g {
-                Grad::D1(t) => grads.register(id, t),
-                Grad::D4(t) => grads.register(id, t),
-            }
-        }
-        if self.running.is_empty() {
-            return;
-        }
-        let b = &model.backbone;
-        let mut bns: Vec<&BatchNorm> = vec![&b.bn0, &b.bn1];
-        for blk in &b.blocks {
-            bns.extend(blk.bn0.iter());
-            bns.push(&blk.bn1);
-            bns.push(&blk.bn2);
-        }
-        for (id, mean, var) in self.running {
-            if let Some(bn) = bns.iter().find(|bn| bn.gamma.id == id) {
-                let dev = bn.running_mean.value().device();
-                let c = mean.len();
-                bn.running_mean
-                    .update(Tensor::from_data(TensorData::new(mean, [c]), &dev));
-                bn.running_var
-                    .update(Tensor::from_data(TensorData::new(var, [c]), &dev));
-            }
-        }
-    }
-}
-
-/// The step's pass through the backbone, until its backward pass.
-pub struct Pending {
-    backbone: Backbone,
-    tape: Tape,
-    leaf: Tensor<4>,
-}
-
-/// The level input of a training step for `model`'s trainable backbone above `level`, computed
-/// by this module: the pooled features as a leaf of burn's graph on `device` (autodiff), with the
-/// multiscale network's down-sampled inputs.
-pub fn prefix(
-    model: &EmbedNet,
-    batch: Vec<f32>,
-    n: usize,
-    size: usize,
-    level: usize,
-    train_bn: bool,
-    device: &Device,
-) -> Result<(LevelInput, Pending)> {
-    let backbone = Backbone::read(&model.backbone, level, train_bn)?;
-    let (pooled, tape) = backbone.forward(&batch, n, size);
-    let c = pooled.len() / n;
-    let leaf = Tensor::<4>::from_data(TensorData::new(pooled, [n, c, 1, 1]), device).require_grad();
-    let (small4, small8) = model.small_inputs_host(batch, n, size, device);
-    Ok((
-        LevelInput {
-            trunk: leaf.clone(),
-            small4,
-            small8,
-        },
-        Pending {
-            backbone,
-            tape,
-            leaf,
-        },
-    ))
-}
-
-impl Pending {
-    /// burn's gradients of the step (loss backward) plus the backbone's, and the running averages
-    /// stored in `model`.
-    pub fn gradients(self, mut g: Gradients, model: &EmbedNet) -> Result<GradientsParams> {
-        let d = self
-            .leaf
-            .grad_remove(&mut g)
-            .ok_or_else(|| anyhow!("the loss does not depend on the backbone's features"))?;
-        let d = host(d)?;
-        let mut grads = GradientsParams::from_grads(g, model);
-        self.backbone
-            .backward(self.tape, &d)
-            .apply(&mut grads, model);
-        Ok(grads)
-    }
 }
 
 /// The stem's im2col for a batch: `[n·ho·ho][27]` ([`engine::stem_im2col`] per image, threaded).
@@ -529,100 +442,6 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
         .zip(x.par_chunks(3 * side * side))
         .for_each(|(c, img)| engine::stem_im2col(img, side, c));
     col
-}
-
-/// `x[rows][k] · w[n][k]ᵀ` → `[rows][n]` (a 1×1 convolution forward).
-fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
-    gemm_rm(
-        &mut out,
-        [rows, n, k],
-        x,
-        [k as isize, 1],
-        w,
-        [1, k as isize],
-        false,
-        true,
-    );
-    out
-}
-
-/// `d[rows][n] · w[n][k]` → `[rows][k]` (a 1×1 convolution's input gradient).
-fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * k];
-    gemm_rm(
-        &mut out,
-        [rows, k, n],
-        d,
-        [n as isize, 1],
-        w,
-        [k as isize, 1],
-        false,
-        true,
-    );
-    out
-}
-
-/// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
-fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * k];
-    gemm_rm(
-        &mut out,
-        [n, k, rows],
-        d,
-        [1, n as isize],
-        x,
-        [k as isize, 1],
-        false,
-        true,
-    );
-    out
-}
-
-/// Zeroes `d` where the BatchNorm output `γ·x̂ + β` is outside ReLU6's (0, 6) when `mask` is given,
-/// and returns the column sums of `d` and `d·x̂` (accumulated in f64 per task).
-fn masked_col_dot(d: &mut [f32], x: &[f32], c: usize, mask: Option<&Bn>) -> (Vec<f32>, Vec<f32>) {
-    let unused = vec![0f32; c];
-    let (gamma, beta) = match mask {
-        Some(bn) => (&bn.gamma[..], &bn.beta[..]),
-        None => (&unused[..], &unused[..]),
-    };
-    let (a, b) = d
-        .par_chunks_mut(ROWS_PER_TASK * c)
-        .zip(x.par_chunks(ROWS_PER_TASK * c))
-        .map(|(dc, xc)| {
-            let mut s = vec![0f64; c];
-            let mut sx = vec![0f64; c];
-            mask_dot(dc, xc, c, gamma, beta, mask.is_some(), &mut s, &mut sx);
-            (s, sx)
-        })
-        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
-    (
-        a.into_iter().map(|v| v as f32).collect(),
-        b.into_iter().map(|v| v as f32).collect(),
-    )
-}
-
-/// Per-column sums of x and x² over rows (f64).
-fn col_moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
-    x.par_chunks(ROWS_PER_TASK * c)
-        .map(|xc| {
-            let mut s = vec![0f64; c];
-            let mut s2 = vec![0f64; c];
-            moments(xc, c, &mut s, &mut s2);
-            (s, s2)
-        })
-        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs)
-}
-
-/// Element-wise sum of two pairs of per-column sums.
-fn add_pairs(
-    (mut a, mut b): (Vec<f64>, Vec<f64>),
-    (x, y): (Vec<f64>, Vec<f64>),
-) -> (Vec<f64>, Vec<f64>) {
-    a.iter_mut().zip(x).for_each(|(p, q)| *p += q);
-    b.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-    (a, b)
 }
 
 /// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
@@ -683,7 +502,7 @@ fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32>
                 bias: &zeros,
                 relu6: false,
             };
-            engine::depthwise(&a, o);
+            depthwise(&a, o);
         });
     debug_assert_eq!(n * h * h * c, x.len());
     out
@@ -716,7 +535,7 @@ fn dw_backward(
             stride: conv.stride,
             wt: &conv.w,
         };
-        dw_back_dispatch(&a, dxi, dw);
+        dw_back_one(&a, dxi, dw);
     };
     let zero = || vec![0f32; k * k * c];
     let add = |mut a: Vec<f32>, b: Vec<f32>| {
@@ -741,211 +560,4 @@ fn dw_backward(
             .reduce(zero, add)
     };
     (dx, dw)
-}
-
-struct DwBack<'a> {
-    x: &'a [f32],
-    dz: &'a [f32],
-    h: usize,
-    ho: usize,
-    c: usize,
-    k: usize,
-    stride: usize,
-    wt: &'a [f32],
-}
-
-fn dw_back_dispatch(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { dw_back_avx512(a, dx, dw) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { dw_back_avx2(a, dx, dw) };
-        }
-    }
-    dw_back::<false>(a, dx, dw)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dw_back_avx512(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
-    dw_back::<true>(a, dx, dw)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dw_back_avx2(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
-    dw_back::<true>(a, dx, dw)
-}
-
-#[inline(always)]
-fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
-    let (k, s, c, h) = (a.k, a.stride, a.c, a.h);
-    let p = (k / 2) as isize;
-    let need_dx = !dx.is_empty();
-    for oy in 0..a.ho {
-        for ox in 0..a.ho {
-            let g = &a.dz[(oy * a.ho + ox) * c..][..c];
-            for ky in 0..k {
-                let iy = (oy * s + ky) as isize - p;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..k {
-                    let ix = (ox * s + kx) as isize - p;
-                    if ix < 0 || ix >= h as isize {
-                        continue;
-                    }
-                    let off = (iy as usize * h + ix as usize) * c;
-                    let tap = (ky * k + kx) * c;
-                    let xin = &a.x[off..off + c];
-                    let dwr = &mut dw[tap..tap + c];
-                    for j in 0..c {
-                        dwr[j] = madd::<FMA>(dwr[j], g[j], xin[j]);
-                    }
-                    if need_dx {
-                        let wr = &a.wt[tap..tap + c];
-                        let dxr = &mut dx[off..off + c];
-                        for j in 0..c {
-                            dxr[j] = madd::<FMA>(dxr[j], g[j], wr[j]);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Compiles `$kernel` (an `#[inline(always)]` function) three times, for AVX-512, AVX2 + FMA and
-/// the baseline, and picks one at run time.
-macro_rules! multiversion {
-    ($name:ident => $kernel:ident($($arg:ident: $ty:ty),*)) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) {
-                    $kernel($($arg),*)
-                }
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) {
-                    $kernel($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `v4` is compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            $kernel($($arg),*)
-        }
-    };
-}
-
-multiversion!(mask_dot => mask_dot_k(d: &mut [f32], x: &[f32], c: usize, gamma: &[f32], beta: &[f32], mask: bool, s: &mut [f64], sx: &mut [f64]));
-multiversion!(moments => moments_k(x: &[f32], c: usize, s: &mut [f64], s2: &mut [f64]));
-multiversion!(norm_rows => norm_rows_k(z: &mut [f32], a: &mut [f32], c: usize, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: &[f32], relu6: bool));
-multiversion!(norm_back_rows => norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]));
-
-/// ReLU6 mask on `d` (where `γ·x̂ + β` is outside (0, 6), when `mask`), and column sums of d, d·x̂.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn mask_dot_k(
-    d: &mut [f32],
-    x: &[f32],
-    c: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    mask: bool,
-    s: &mut [f64],
-    sx: &mut [f64],
-) {
-    let (gamma, beta, s, sx) = (&gamma[..c], &beta[..c], &mut s[..c], &mut sx[..c]);
-    for (dr, xr) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        for (((((dv, &xv), &g), &b), sa), sb) in dr
-            .iter_mut()
-            .zip(xr)
-            .zip(gamma)
-            .zip(beta)
-            .zip(s.iter_mut())
-            .zip(sx.iter_mut())
-        {
-            let y = g * xv + b;
-            let v = if !mask || (y > 0.0 && y < 6.0) {
-                *dv
-            } else {
-                0.0
-            };
-            *dv = v;
-            *sa += v as f64;
-            *sb += (v * xv) as f64;
-        }
-    }
-}
-
-/// Column sums of x and x².
-#[inline(always)]
-fn moments_k(x: &[f32], c: usize, s: &mut [f64], s2: &mut [f64]) {
-    let (s, s2) = (&mut s[..c], &mut s2[..c]);
-    for r in x.chunks_exact(c) {
-        for ((&v, a), b) in r.iter().zip(s.iter_mut()).zip(s2.iter_mut()) {
-            let v = v as f64;
-            *a += v;
-            *b += v * v;
-        }
-    }
-}
-
-/// `z ← x̂ = (z − μ)·invstd`, `a ← γ·x̂ + β` (ReLU6'd when `relu6`).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn norm_rows_k(
-    z: &mut [f32],
-    a: &mut [f32],
-    c: usize,
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    relu6: bool,
-) {
-    let (mean, invstd, gamma, beta) = (&mean[..c], &invstd[..c], &gamma[..c], &beta[..c]);
-    for (zr, ar) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
-        for (((((zv, av), &m), &is), &g), &b) in zr
-            .iter_mut()
-            .zip(ar.iter_mut())
-            .zip(mean)
-            .zip(invstd)
-            .zip(gamma)
-            .zip(beta)
-        {
-            let xh = (*zv - m) * is;
-            *zv = xh;
-            let y = g * xh + b;
-            *av = if relu6 { y.clamp(0.0, 6.0) } else { y };
-        }
-    }
-}
-
-/// BatchNorm backward per element: `d ← g·(d − md − x̂·mdx)`.
-#[inline(always)]
-fn norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]) {
-    let (g, md, mdx) = (&g[..c], &md[..c], &mdx[..c]);
-    for (dr, xr) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        for ((((dv, &xv), &gg), &m), &mx) in dr.iter_mut().zip(xr).zip(g).zip(md).zip(mdx) {
-            *dv = gg * (*dv - m - xv * mx);
-        }
-    }
 }

@@ -3,7 +3,8 @@
 //! (and ReLU6) instead of a convolution plus four element-wise passes. Same outputs as
 //! [`Lite0::pooled`] within float rounding (tested).
 
-use crate::model::{Lite0, MbConv};
+use crate::cpu::fold;
+use crate::model::lite0::{Lite0, MbConv};
 use anyhow::Result;
 use burn::module::Param;
 use burn::nn::BatchNorm;
@@ -14,7 +15,7 @@ use burn::tensor::activation::relu6;
 /// A copy of `conv` with `bn` folded in.
 fn fold(conv: &Conv2d, bn: &BatchNorm) -> Result<Conv2d> {
     let device = conv.weight.val().device();
-    let (w, bias, dims) = crate::engine::fold(conv, bn)?;
+    let (w, bias, dims) = fold::fold(conv, bn)?;
     let out = dims[0];
     let mut c = conv.clone();
     c.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, dims), &device));

@@ -1,0 +1,123 @@
+//! `deeprank-bench`: the measurements `bench/*.sh` compare with their anchors (PyTorch, FAISS,
+//! PIL), kept out of the user-facing `deeprank` command. Each prints one `RESULT …` line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use deeprank::data::dataset::{Dataset, Split};
+use deeprank::{benchkit, train};
+use globals::Globals;
+use std::path::PathBuf;
+
+#[path = "../cli/globals.rs"]
+mod globals;
+
+#[derive(Parser)]
+#[command(
+    name = "deeprank-bench",
+    version,
+    about = "deeprank's benchmarks (bench/*.sh runs them)"
+)]
+struct Cli {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Times exact search over random vectors (bench/search.sh compares it with FAISS).
+    Search {
+        #[arg(long, default_value = "/tmp/deeprank-bench/search")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 1)]
+        queries: usize,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Times decode + resize + normalise of a dataset's images (bench/decode.sh compares it with PIL).
+    Decode {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Times the training step (bench/train_step.sh compares it with PyTorch): the seed recipe's
+    /// network and optimiser (full fine-tuning, BatchNorm in training mode) on a fixed batch of the
+    /// first 3 × TRIPLETS images of a dataset.
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 16)]
+        triplets: usize,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    cli.globals.apply()?;
+    match cli.cmd {
+        Cmd::Search {
+            dir,
+            n,
+            dim,
+            queries,
+            k,
+            runs,
+        } => {
+            let (s, dbp, qp) = benchkit::time_search(&dir, n, dim, queries, k, runs)?;
+            println!(
+                "RESULT deeprank_search n={n} dim={dim} queries={queries} k={k} seconds={s:.5} db={} q={}",
+                dbp.display(),
+                qp.display()
+            );
+        }
+        Cmd::Decode { data, size, runs } => {
+            let ds = Dataset::open(&data, Split::Val)?;
+            let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+            let s = benchkit::time_decode(&paths, size, runs)?;
+            println!(
+                "RESULT deeprank_decode images={} size={size} seconds={s:.4} img_per_s={:.0}",
+                paths.len(),
+                paths.len() as f64 / s
+            );
+        }
+        Cmd::Train {
+            data,
+            size,
+            triplets,
+            dim,
+            warmup,
+            steps,
+        } => {
+            let (sec, loss) = train::step::time_train(&data, size, triplets, dim, warmup, steps)?;
+            println!(
+                "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.4} img_per_s={:.1} loss={loss:.4}",
+                (3 * triplets) as f64 / sec
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

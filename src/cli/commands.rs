@@ -1,0 +1,265 @@
+//! The commands other than `train`: each calls the library and prints what it did.
+
+use super::{
+    ClassifyArgs, DemoArgs, EmbedArgs, EvalArgs, QueryArgs, SampleArgs, ServeArgs, WeightsArgs,
+    WeightsCmd,
+};
+use anyhow::{Result, bail};
+use deeprank::data::dataset::{Dataset, Split};
+use deeprank::data::sampler;
+use deeprank::demo;
+use deeprank::infer::embedder::{Embedder, ModelSpec};
+use deeprank::model::weights as lite0_weights;
+use deeprank::render::grid;
+use deeprank::search::{eval, query};
+use deeprank::store::build::embed_dataset;
+use deeprank::store::db::Db;
+
+fn report_ignored(ds: &Dataset) {
+    if !ds.ignored.is_empty() {
+        eprintln!(
+            "note: {} files without an image extension were ignored (first: {})",
+            ds.ignored.len(),
+            ds.ignored[0].display()
+        );
+    }
+}
+
+/// `deeprank weights fetch|path`: prints where the weights are.
+pub fn weights(a: WeightsArgs) -> Result<()> {
+    match a.cmd {
+        WeightsCmd::Fetch => println!("{}", lite0_weights::fetch()?.display()),
+        WeightsCmd::Path => println!("{}", lite0_weights::default_path().display()),
+    }
+    Ok(())
+}
+
+/// `deeprank demo`.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    demo::run(&demo::DemoOptions {
+        data: a.data,
+        out: a.out,
+        size: a.size,
+        queries: a.queries,
+        top: a.top,
+        batch: a.batch,
+        weights: a.weights,
+    })?;
+    Ok(())
+}
+
+/// `deeprank sample`: writes the triplets and says how many.
+pub fn sample(a: SampleArgs) -> Result<()> {
+    let SampleArgs {
+        data,
+        out,
+        n_pos,
+        n_neg,
+        seed,
+    } = a;
+    let t0 = std::time::Instant::now();
+    let ds = Dataset::open(&data, Split::Train)?;
+    report_ignored(&ds);
+    let s = sampler::sample(&ds, n_pos, n_neg, seed)?;
+    for &c in &s.small_classes {
+        eprintln!(
+            "warning: class {} has fewer than two images: left out of sampling",
+            ds.classes[c].id
+        );
+    }
+    sampler::write_triplets(&ds, &s.triplets, &out)?;
+    println!(
+        "wrote {} triplets ({} images, {} classes) to {} in {:.2}s",
+        s.triplets.len(),
+        ds.items.len(),
+        ds.classes.len() - s.small_classes.len(),
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `deeprank embed`: embeds a dataset into a DB and reports the speed.
+pub fn embed(a: EmbedArgs) -> Result<()> {
+    let EmbedArgs {
+        data,
+        out,
+        model,
+        size,
+        text,
+        batch,
+        no_normalize,
+        split,
+        weights,
+    } = a;
+    let spec = ModelSpec::parse(&model)?;
+    let ds = Dataset::open(&data, split.into())?;
+    report_ignored(&ds);
+    eprintln!("{}", ds.summary());
+    let emb = Embedder::from_spec(&spec, weights.as_deref(), size, !no_normalize)?;
+    let rep = embed_dataset(&emb, &ds, &out, text.as_deref(), batch)?;
+    if !rep.skipped.is_empty() {
+        eprintln!(
+            "skipped {} unreadable images (listed above)",
+            rep.skipped.len()
+        );
+    }
+    println!(
+        "embedded {} images ({} dims) in {:.1}s ({:.1} img/s) into {}",
+        rep.count,
+        emb.dim,
+        rep.seconds,
+        rep.count as f64 / rep.seconds,
+        rep.db.display()
+    );
+    Ok(())
+}
+
+/// `deeprank query`: the results as a table or JSON, and the grids.
+pub fn query(a: QueryArgs) -> Result<()> {
+    let QueryArgs {
+        db,
+        images,
+        top,
+        json,
+        grid: grid_out,
+        model,
+        weights,
+    } = a;
+    let db = Db::open(&db)?;
+    let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+    let results = query::query(&db, &emb, &images, top)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for q in &results {
+            println!(
+                "query {} (class {})",
+                q.image.display(),
+                q.class_id.as_deref().unwrap_or("?")
+            );
+            println!("{:>4}  {:>8}  {:<12} path", "rank", "distance", "class");
+            for r in &q.results {
+                let mark = match r.same_class {
+                    Some(true) => "+",
+                    Some(false) => "-",
+                    None => " ",
+                };
+                println!(
+                    "{:>4}  {:>8.4}  {mark}{:<11} {}  ({})",
+                    r.rank,
+                    r.distance,
+                    r.class_id,
+                    r.path.display(),
+                    r.class_name
+                );
+            }
+        }
+    }
+    if let Some(g) = grid_out {
+        for (i, q) in results.iter().enumerate() {
+            let path = if results.len() == 1 {
+                g.clone()
+            } else {
+                let stem = g.file_stem().unwrap_or_default().to_string_lossy();
+                g.with_file_name(format!("{stem}-{}.png", i + 1))
+            };
+            grid::write(&q.grid(), &path)?;
+            eprintln!("grid: {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `deeprank eval`: the metrics as a table or JSON.
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let ks = eval::parse_ks(&a.k)?;
+    let db = Db::open(&a.db)?;
+    let ds = Dataset::open(&a.queries, Split::Val)?;
+    eprintln!("queries: {}", ds.summary());
+    let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
+    let rep = eval::evaluate(&emb, &db, &ds, &ks, a.batch)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{} queries against {} DB images ({}, {} px)",
+            rep.metrics.queries, rep.db_size, rep.model, rep.size
+        );
+        for (k, v) in &rep.metrics.precision_at_k {
+            println!(
+                "P@{k:<3} {v:.4}   Recall@{k:<3} {:.4}",
+                rep.metrics.recall_at_k[k]
+            );
+        }
+        println!("MAP@R  {:.4}", rep.metrics.map_at_r);
+        if rep.queries_without_class_in_db > 0 {
+            eprintln!(
+                "{} queries have no class in the DB and were not scored",
+                rep.queries_without_class_in_db
+            );
+        }
+        if rep.skipped_images > 0 {
+            eprintln!(
+                "{} query images could not be read (listed above)",
+                rep.skipped_images
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `deeprank serve`: checks the limits, then serves until Ctrl-C.
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        db,
+        model,
+        addr,
+        max_upload_mb,
+        max_megapixels,
+        queue,
+        max_batch,
+        batch_wait_ms,
+        weights,
+    } = a;
+    if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
+        bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
+    }
+    let db = Db::open(&db)?;
+    let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+    let opts = deeprank::serve::ServeOptions {
+        addr,
+        max_upload: (max_upload_mb * 1048576.0) as usize,
+        max_pixels: (max_megapixels * 1e6) as u64,
+        queue,
+        max_batch,
+        batch_wait: std::time::Duration::from_millis(batch_wait_ms),
+        ..Default::default()
+    };
+    deeprank::serve::serve(db, emb, opts)?;
+    Ok(())
+}
+
+/// `deeprank classify`: the ImageNet top-1 check.
+pub fn classify(a: ClassifyArgs) -> Result<()> {
+    let ClassifyArgs {
+        data,
+        imagenet_wnids,
+        size,
+        batch,
+        split,
+        weights,
+    } = a;
+    let ds = Dataset::open(&data, split.into())?;
+    let emb = Embedder::pretrained(weights.as_deref(), size, false)?;
+    let r = eval::imagenet_top1(&emb, &ds, &imagenet_wnids, batch)?;
+    println!(
+        "ImageNet top-1 restricted to {} classes at {} px: {:.4} ({} of {} images)",
+        ds.classes.len(),
+        r.size,
+        r.top1,
+        r.correct,
+        r.images
+    );
+    Ok(())
+}

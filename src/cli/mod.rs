@@ -1,0 +1,241 @@
+//! The `deeprank` command line: the clap types, their conversion into the library's configs, and
+//! what each command prints. The library itself knows nothing of clap.
+
+mod commands;
+pub mod globals;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use deeprank::data::dataset::Split;
+use globals::Globals;
+use std::path::PathBuf;
+pub use train::TrainArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "deeprank",
+    version,
+    about = "Image similarity search with a triplet deep-ranking network"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Runs the whole pipeline on the bundled sample: weights, embed, eval, queries, grids, report.
+    Demo(DemoArgs),
+    /// Writes triplets (query,positive,negative) as the seed's sampler.py does.
+    Sample(SampleArgs),
+    /// Manages the ImageNet weights of EfficientNet-Lite0.
+    Weights(WeightsArgs),
+    /// Embeds every image of a dataset into a DB folder (vectors.npy, manifest.tsv, meta.json).
+    Embed(EmbedArgs),
+    /// Finds the images of a DB closest to query images.
+    Query(QueryArgs),
+    /// Precision@k, recall@k and MAP@R of a query set against a DB.
+    Eval(EvalArgs),
+    /// Serves visual search over HTTP: a web page at / and a JSON API.
+    Serve(ServeArgs),
+    /// Fine-tunes the triplet network with the ranking loss (the seed's main.py).
+    Train(Box<TrainArgs>),
+    /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
+    Classify(ClassifyArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Dataset to use instead of the bundled sample (Tiny ImageNet root or class folders with train/ and val/).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value = "out/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    size: u32,
+    /// Number of query images to show.
+    #[arg(long, default_value_t = 4)]
+    queries: usize,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Weights file instead of the fetched ImageNet weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "triplets.txt")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    n_pos: usize,
+    #[arg(long, default_value_t = 1)]
+    n_neg: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+pub struct WeightsArgs {
+    #[command(subcommand)]
+    cmd: WeightsCmd,
+}
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// `pretrained` (ImageNet EfficientNet-Lite0, pooled 1280-d features).
+    #[arg(long, default_value = "pretrained")]
+    model: String,
+    /// Input side in pixels, a multiple of 32 (default: 128, or a run's training size).
+    #[arg(long)]
+    size: Option<u32>,
+    /// Also write the seed's text form: one image per line, path then the values.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Keep raw features instead of L2-normalising them.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Which split of a dataset root to embed.
+    #[arg(long, value_enum, default_value = "train")]
+    split: SplitArg,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct QueryArgs {
+    #[arg(long)]
+    db: PathBuf,
+    #[arg(long = "image", required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Prints JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Draws the query and its results to this PNG (OUT-1.png, OUT-2.png, ... for several queries).
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Model to embed the queries with (must be the DB's; default: the DB's).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// Query images: a Tiny ImageNet root (its val/), a val folder, or class folders.
+    #[arg(long)]
+    queries: PathBuf,
+    #[arg(long, default_value = "1,10,30")]
+    k: String,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// Model for uploads (must be the DB's; default: the DB's).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Largest upload in MB.
+    #[arg(long, default_value_t = 10.0)]
+    max_upload_mb: f64,
+    /// Largest image in megapixels (by its header, checked before decoding).
+    #[arg(long, default_value_t = 40.0)]
+    max_megapixels: f64,
+    /// Uploads waiting for the embedder at most; more get 503 + Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Uploads embedded together at most.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Milliseconds the embedder waits to fill a batch.
+    #[arg(long, default_value_t = 3)]
+    batch_wait_ms: u64,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ClassifyArgs {
+    /// Images with ImageNet wnids as classes (e.g. a Tiny ImageNet root: its val/ is used).
+    #[arg(long)]
+    data: PathBuf,
+    /// The 1,000 ImageNet wnids in logit order.
+    #[arg(long)]
+    imagenet_wnids: PathBuf,
+    #[arg(long, default_value_t = 224)]
+    size: u32,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, value_enum, default_value = "val")]
+    split: SplitArg,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum WeightsCmd {
+    /// Downloads the weights with pip (if not cached), checks the sha256, prints the path.
+    Fetch,
+    /// Prints where the weights are (or would be) cached.
+    Path,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Val,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Split {
+        match s {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+        }
+    }
+}
+
+/// Sets up the thread pool and the device, then runs the command.
+pub fn run(cli: Cli) -> Result<()> {
+    cli.globals.apply()?;
+    match cli.cmd {
+        Cmd::Demo(a) => commands::demo(a),
+        Cmd::Sample(a) => commands::sample(a),
+        Cmd::Weights(a) => commands::weights(a),
+        Cmd::Embed(a) => commands::embed(a),
+        Cmd::Query(a) => commands::query(a),
+        Cmd::Eval(a) => commands::eval(a),
+        Cmd::Serve(a) => commands::serve(a),
+        Cmd::Train(a) => train::run(&a),
+        Cmd::Classify(a) => commands::classify(a),
+    }
+}

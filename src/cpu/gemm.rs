@@ -1,0 +1,120 @@
+//! Matrix products through the `gemm` crate (its own run-time AVX-512/AVX2 dispatch), row-major:
+//! the strided core and the shapes the engine and the training pass use.
+
+/// `dst[m][n] += lhs[m][k] · rhsᵀ` with `rhs` stored `[n][k]`, all row-major, single-threaded.
+pub fn matmul_acc(lhs: &[f32], m: usize, k: usize, rhs: &[f32], n: usize, dst: &mut [f32]) {
+    let (lrs, lcs, rrs, rcs) = (k as isize, 1, 1, k as isize);
+    gemm_rm(
+        dst,
+        [m, n, k],
+        lhs,
+        [lrs, lcs],
+        rhs,
+        [rrs, rcs],
+        true,
+        false,
+    );
+}
+
+/// Dense row-major `dst[m][n] (+)= lhs · rhs` (`dims` = [m, n, k]), the operands given by
+/// (row, column) strides over their slices: `lhs` is m × k, `rhs` is k × n. Threaded over the
+/// rayon pool when `threaded`; adds to `dst` when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rm(
+    dst: &mut [f32],
+    dims: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [isize; 2],
+    rhs: &[f32],
+    rhs_strides: [isize; 2],
+    accumulate: bool,
+    threaded: bool,
+) {
+    let [m, n, k] = dims;
+    // The layouts used here are dense: every operand holds exactly its product of dimensions.
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    let [lrs, lcs] = lhs_strides;
+    let [rrs, rcs] = rhs_strides;
+    let far = |rs: isize, cs: isize, r: usize, c: usize| {
+        (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
+    };
+    assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
+    let par = if threaded {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every element the strides reach is inside its slice (checked above); the
+    // destination is a distinct, exclusively borrowed slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs,
+            lrs,
+            rhs.as_ptr(),
+            rcs,
+            rrs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `x[rows][k] · w[n][k]ᵀ` → `[rows][n]` (a 1×1 convolution forward).
+pub fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    gemm_rm(
+        &mut out,
+        [rows, n, k],
+        x,
+        [k as isize, 1],
+        w,
+        [1, k as isize],
+        false,
+        true,
+    );
+    out
+}
+
+/// `d[rows][n] · w[n][k]` → `[rows][k]` (a 1×1 convolution's input gradient).
+pub fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * k];
+    gemm_rm(
+        &mut out,
+        [rows, k, n],
+        d,
+        [n as isize, 1],
+        w,
+        [k as isize, 1],
+        false,
+        true,
+    );
+    out
+}
+
+/// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
+pub fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * k];
+    gemm_rm(
+        &mut out,
+        [n, k, rows],
+        d,
+        [1, n as isize],
+        x,
+        [k as isize, 1],
+        false,
+        true,
+    );
+    out
+}

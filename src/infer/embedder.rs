@@ -1,0 +1,217 @@
+//! The embedder: the network that maps an image to a vector (the pretrained backbone's pooled
+//! features, or a trained run's embedding network), over deeprank's CPU engine or burn's device.
+
+use crate::cpu::engine::{Engine, cpu_engine};
+use crate::data::batch::decode_batch;
+use crate::data::skipped::Skipped;
+use crate::data::transform::check_size;
+use crate::infer::fused::FusedLite0;
+use crate::infer::trained::embed_host;
+use crate::model::device::{device, to_vec};
+use crate::model::lite0::{FEATURE_DIM, Lite0};
+use crate::model::net::EmbedNet;
+use crate::model::run::{CONFIG, MODEL, load_run};
+use crate::model::weights;
+use anyhow::{Result, bail};
+use burn::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Which network produces the vectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// EfficientNet-Lite0 ImageNet weights, pooled 1280-d features.
+    Pretrained,
+    /// A run folder written by `deeprank train` (its `model.bpk` and `config.json`).
+    Run(PathBuf),
+}
+
+impl ModelSpec {
+    /// Parses `pretrained` or a run folder.
+    pub fn parse(s: &str) -> Result<ModelSpec> {
+        if s == "pretrained" {
+            return Ok(ModelSpec::Pretrained);
+        }
+        let p = PathBuf::from(s);
+        if p.join(CONFIG).is_file() {
+            return Ok(ModelSpec::Run(p));
+        }
+        bail!(
+            "--model {s:?} is neither `pretrained` nor a training run folder (with {})",
+            CONFIG
+        )
+    }
+
+    pub fn source(&self) -> String {
+        match self {
+            ModelSpec::Pretrained => "pretrained".into(),
+            ModelSpec::Run(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// One vector per input file (`None` where it failed), and the failures.
+pub type PerFile = (Vec<Option<Vec<f32>>>, Vec<Skipped>);
+
+/// The fast inference copy of the pretrained network: deeprank's CPU engine, or on another
+/// device burn's network with BatchNorm folded.
+enum Fast {
+    Engine(Engine),
+    Fused(Box<FusedLite0>),
+}
+
+impl Fast {
+    fn new(m: &Lite0) -> Result<Self> {
+        Ok(match cpu_engine(m)? {
+            Some(e) => Fast::Engine(e),
+            None => Fast::Fused(Box::new(FusedLite0::new(m)?)),
+        })
+    }
+}
+
+/// The network behind an embedder.
+enum Net {
+    /// The ImageNet network, and its BatchNorm-folded inference copy for the pooled features.
+    Pretrained(Box<Lite0>, Box<Fast>),
+    Trained(Box<EmbedNet>, Option<Engine>),
+}
+
+/// A network ready to embed images of one input size.
+pub struct Embedder {
+    net: Net,
+    device: Device,
+    pub size: u32,
+    pub normalize: bool,
+    pub dim: usize,
+    /// Identity recorded in DBs; a DB is only queried with the same identity.
+    pub identity: String,
+    pub source: String,
+}
+
+impl Embedder {
+    /// The pretrained backbone (pooled features), weights from `weights` or the cache.
+    pub fn pretrained(weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
+        check_size(size)?;
+        let path = weights::resolve(weights_file)?;
+        let sha = weights::sha256_file(&path)?;
+        let device = device();
+        let model = weights::load_lite0(&path, &device)?;
+        let fast = Fast::new(&model)?;
+        Ok(Self {
+            net: Net::Pretrained(Box::new(model), Box::new(fast)),
+            device,
+            size,
+            normalize,
+            dim: FEATURE_DIM,
+            identity: format!("efficientnet-lite0:{}:pooled", &sha[..12]),
+            source: ModelSpec::Pretrained.source(),
+        })
+    }
+
+    /// Builds the embedder a spec names; `size` defaults to 128 px for the pretrained network and
+    /// to the training size for a run.
+    pub fn from_spec(
+        spec: &ModelSpec,
+        weights_file: Option<&Path>,
+        size: Option<u32>,
+        normalize: bool,
+    ) -> Result<Self> {
+        match spec {
+            ModelSpec::Pretrained => Self::pretrained(weights_file, size.unwrap_or(128), normalize),
+            ModelSpec::Run(dir) => Self::trained(dir, size),
+        }
+    }
+
+    /// A trained run's network (its embedding head; normalised as it was trained). `size`
+    /// defaults to the run's training size.
+    pub fn trained(run: &Path, size: Option<u32>) -> Result<Self> {
+        let (cfg, net) = load_run(run)?;
+        let size = size.unwrap_or(cfg.size);
+        check_size(size)?;
+        let sha = weights::sha256_file(&run.join(MODEL))?;
+        let name = run
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| "run".into());
+        let normalize = net.normalize;
+        let engine = cpu_engine(&net.backbone)?;
+        Ok(Self {
+            net: Net::Trained(Box::new(net), engine),
+            device: device(),
+            size,
+            normalize,
+            dim: cfg.dim,
+            identity: format!("run:{name}:{}", &sha[..12]),
+            source: run.display().to_string(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Input tensor `[n, 3, size, size]` from a flat CHW batch buffer.
+    pub fn input(&self, batch: Vec<f32>, n: usize) -> Tensor<4> {
+        let s = self.size as usize;
+        Tensor::from_data(TensorData::new(batch, [n, 3, s, s]), &self.device)
+    }
+
+    /// Embeds a batch of `n` normalised CHW images; returns `n × dim` values.
+    pub fn embed_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = match &self.net {
+            Net::Pretrained(_, fast) => match fast.as_ref() {
+                Fast::Engine(e) => e.pooled(&batch, n, self.size as usize),
+                Fast::Fused(f) => to_vec(f.pooled(self.input(batch, n)))?,
+            },
+            // A trained network applies its own normalisation.
+            Net::Trained(m, e) => {
+                let s = self.size as usize;
+                return to_vec(embed_host(m, e.as_ref(), batch, n, s, &self.device));
+            }
+        };
+        if self.normalize {
+            for row in out.chunks_exact_mut(self.dim) {
+                l2_normalize(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// ImageNet logits (`n × 1000`) of a batch of `n` normalised CHW images.
+    pub fn logits_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let x = self.input(batch, n);
+        match &self.net {
+            Net::Pretrained(m, _) => to_vec(m.logits(x)),
+            Net::Trained(m, _) => to_vec(m.backbone.logits(x)),
+        }
+    }
+
+    /// Embeds image files; failures are returned per path instead of stopping.
+    pub fn embed_files(&self, paths: &[PathBuf]) -> Result<PerFile> {
+        let (buf, ok, skipped) = decode_batch(paths, self.size);
+        let n = ok.iter().filter(|&&o| o).count();
+        let vecs = self.embed_batch(buf, n)?;
+        let mut it = vecs.chunks_exact(self.dim);
+        let out = ok
+            .iter()
+            .map(|&o| {
+                if o {
+                    it.next().map(|v| v.to_vec())
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Ok((out, skipped))
+    }
+}
+
+pub fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}

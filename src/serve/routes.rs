@@ -1,0 +1,322 @@
+//! The HTTP routes: the page, the JSON search API (by upload or by DB id), DB images, stats.
+
+// Handlers return ready responses as their error type, as axum handlers do.
+#![allow(clippy::result_large_err)]
+
+use crate::data::transform::{self, ImageError};
+use crate::search::query::{self, ResultRow};
+use crate::serve::limits::{Admission, image_error, upload_bytes};
+use crate::serve::worker::{Counters, Job};
+use crate::serve::{INDEX, ServeOptions};
+use crate::store::db::Db;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+pub(super) struct AppState {
+    /// Uploads admitted and not yet answered (waiting, decoding or being embedded).
+    pub(super) inflight: Arc<AtomicUsize>,
+    pub(super) db: Arc<Db>,
+    pub(super) jobs: SyncSender<Job>,
+    pub(super) size: u32,
+    pub(super) model: String,
+    pub(super) opts: ServeOptions,
+    pub(super) counters: Arc<Counters>,
+    pub(super) classes: usize,
+}
+
+#[derive(Serialize)]
+struct Hit {
+    rank: usize,
+    id: usize,
+    class_id: String,
+    class_name: String,
+    distance: f32,
+    image_url: String,
+    same_class: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct QueryInfo {
+    id: Option<usize>,
+    class_id: Option<String>,
+    class_name: Option<String>,
+    image_url: Option<String>,
+}
+
+#[derive(Serialize)]
+struct SearchResponse {
+    query_ms: f64,
+    query: QueryInfo,
+    results: Vec<Hit>,
+}
+
+fn hits(rows: Vec<ResultRow>) -> Vec<Hit> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, r)| Hit {
+            rank: i + 1,
+            id: r.id,
+            class_id: r.class_id,
+            class_name: r.class_name,
+            distance: r.distance,
+            image_url: format!("/api/images/{}", r.id),
+            same_class: r.same_class,
+        })
+        .collect()
+}
+
+/// A JSON error response.
+pub(super) fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct SearchParams {
+    top: Option<usize>,
+    id: Option<String>,
+}
+
+impl AppState {
+    fn top(&self, p: &SearchParams) -> Result<usize, Response> {
+        match p.top {
+            None => Ok(10),
+            Some(0) => Err(err(StatusCode::BAD_REQUEST, "top must be at least 1")),
+            Some(t) if t > self.opts.max_top => Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("top must be at most {}", self.opts.max_top),
+            )),
+            Some(t) => Ok(t),
+        }
+    }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let c = &s.counters;
+    Json(serde_json::json!({
+        "count": s.db.len(),
+        "dim": s.db.meta.dim,
+        "model": s.model,
+        "size": s.size,
+        "normalized": s.db.meta.normalized,
+        "classes": s.classes,
+        "requests": c.requests.load(Ordering::Relaxed),
+        "rejected_busy": c.busy.load(Ordering::Relaxed),
+        "client_errors": c.client_errors.load(Ordering::Relaxed),
+        "batches": c.batches.load(Ordering::Relaxed),
+        "embedded": c.embedded.load(Ordering::Relaxed),
+        "largest_batch": c.largest_batch.load(Ordering::Relaxed),
+        "max_upload_bytes": s.opts.max_upload,
+    }))
+}
+
+async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+    let Some(e) = id.parse::<usize>().ok().and_then(|i| s.db.entries.get(i)) else {
+        return err(StatusCode::NOT_FOUND, format!("no image with id {id}"));
+    };
+    let path = e.path.clone();
+    let ct = match path
+        .extension()
+        .and_then(|x| x.to_str())
+        .map(|x| x.to_ascii_lowercase())
+    {
+        Some(x) if x == "png" => "image/png",
+        _ => "image/jpeg",
+    };
+    match tokio::fs::read(&path).await {
+        Ok(b) => (
+            [
+                (header::CONTENT_TYPE, ct),
+                (header::CACHE_CONTROL, "max-age=3600"),
+            ],
+            b,
+        )
+            .into_response(),
+        Err(_) => err(
+            StatusCode::NOT_FOUND,
+            format!("image {id} is missing on the server"),
+        ),
+    }
+}
+
+/// `GET /api/search?id=K`: "more like this" for a DB image (itself left out).
+async fn search_by_id(State(s): State<Arc<AppState>>, Query(p): Query<SearchParams>) -> Response {
+    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let top = match s.top(&p) {
+        Ok(t) => t,
+        Err(r) => return client_error(&s, r),
+    };
+    let Some(id_text) = p.id.as_deref() else {
+        return client_error(
+            &s,
+            err(StatusCode::BAD_REQUEST, "give ?id=K, or POST an image"),
+        );
+    };
+    let Some(id) = id_text.parse::<usize>().ok().filter(|&i| i < s.db.len()) else {
+        return client_error(
+            &s,
+            err(StatusCode::NOT_FOUND, format!("no image with id {id_text}")),
+        );
+    };
+    let t0 = Instant::now();
+    let st = s.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let e = &st.db.entries[id];
+        let v = st.db.vectors.row(id).to_vec();
+        let mut rows = query::rank(&st.db, &v, &[Some(e.class_id.clone())], top + 1)
+            .pop()
+            .unwrap_or_default();
+        rows.retain(|r| r.id != id);
+        rows.truncate(top);
+        rows
+    })
+    .await;
+    let Ok(rows) = rows else {
+        return err(StatusCode::INTERNAL_SERVER_ERROR, "search failed");
+    };
+    let e = &s.db.entries[id];
+    Json(SearchResponse {
+        query_ms: t0.elapsed().as_secs_f64() * 1e3,
+        query: QueryInfo {
+            id: Some(id),
+            class_id: Some(e.class_id.clone()),
+            class_name: Some(e.class_name.clone()),
+            image_url: Some(format!("/api/images/{id}")),
+        },
+        results: hits(rows),
+    })
+    .into_response()
+}
+
+fn client_error(s: &AppState, r: Response) -> Response {
+    s.counters.client_errors.fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+/// `POST /api/search?top=N` with an image.
+async fn search_upload(
+    State(s): State<Arc<AppState>>,
+    Query(p): Query<SearchParams>,
+    req: Request,
+) -> Response {
+    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let top = match s.top(&p) {
+        Ok(t) => t,
+        Err(r) => return client_error(&s, r),
+    };
+    // Admission before any work: a full server answers 503 without reading or decoding.
+    let limit = s.opts.queue + s.opts.max_batch;
+    if s.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
+        s.inflight.fetch_sub(1, Ordering::AcqRel);
+        return busy(&s);
+    }
+    let _admitted = Admission(s.inflight.clone());
+    let bytes = match upload_bytes(req, s.opts.max_upload).await {
+        Ok(b) => b,
+        Err(r) => return client_error(&s, r),
+    };
+    if bytes.is_empty() {
+        return client_error(
+            &s,
+            err(
+                StatusCode::BAD_REQUEST,
+                "empty upload: send a JPEG or PNG image",
+            ),
+        );
+    }
+    let (size, max_pixels) = (s.size, s.opts.max_pixels);
+    let input = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ImageError> {
+        let img = transform::decode_rgb(&bytes, max_pixels)?;
+        let img =
+            transform::resize_rgb(&img, size).map_err(|e| ImageError::Decode(e.to_string()))?;
+        let mut v = vec![0f32; 3 * (size as usize).pow(2)];
+        transform::normalise_chw(&img, &mut v).map_err(|e| ImageError::Decode(e.to_string()))?;
+        Ok(v)
+    })
+    .await;
+    let input = match input {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return client_error(&s, image_error(e)),
+        Err(_) => return err(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed"),
+    };
+    let (tx, rx) = oneshot::channel();
+    match s.jobs.try_send(Job {
+        input,
+        top,
+        reply: tx,
+    }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => return busy(&s),
+        Err(TrySendError::Disconnected(_)) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the embedding worker stopped",
+            );
+        }
+    }
+    match rx.await {
+        Ok(Ok(rows)) => Json(SearchResponse {
+            query_ms: t0.elapsed().as_secs_f64() * 1e3,
+            query: QueryInfo {
+                id: None,
+                class_id: None,
+                class_name: None,
+                image_url: None,
+            },
+            results: hits(rows),
+        })
+        .into_response(),
+        Ok(Err(e)) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(_) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the embedding worker stopped",
+        ),
+    }
+}
+
+fn busy(s: &AppState) -> Response {
+    s.counters.busy.fetch_add(1, Ordering::Relaxed);
+    let mut r = err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is busy: retry shortly",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+async fn not_found() -> Response {
+    err(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// The HTTP routes over a DB and an embedder.
+pub(super) fn router(state: Arc<AppState>) -> Router {
+    let limit = state.opts.max_upload + 64 * 1024;
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/api/stats", get(stats))
+        .route("/api/images/{id}", get(image))
+        .route("/api/search", get(search_by_id).post(search_upload))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
