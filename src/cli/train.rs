@@ -9,13 +9,14 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Training images (Tiny ImageNet root or class folders).
-    #[arg(long)]
-    data: PathBuf,
+    /// Training images (Tiny ImageNet root or class folders); on --resume, the run's unless given.
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
     /// Run folder: config.json, checkpoint.bin, model.bpk, metrics.csv, plot.png.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
-    /// Continues the run in RUN_DIR (or in --out) from its last checkpoint.
+    /// Continues the run in RUN_DIR (or in --out) from its last checkpoint, with the run's own
+    /// settings (its config.json); only the flags given on this command line change them.
     #[arg(long, num_args = 0..=1, value_name = "RUN_DIR")]
     resume: Option<Option<PathBuf>>,
     /// Resume despite a changed config, or start over in a folder that holds a run.
@@ -24,9 +25,9 @@ pub struct TrainArgs {
     /// Validation queries (DB = the training images): P@1/P@30/MAP@R per epoch.
     #[arg(long)]
     val: Option<PathBuf>,
-    /// Preset the flags below override.
-    #[arg(long, value_enum, default_value = "default")]
-    recipe: RecipeArg,
+    /// Preset the flags below override [default: default; on --resume, the run's settings].
+    #[arg(long, value_enum)]
+    recipe: Option<RecipeArg>,
     /// Triplet file from `deeprank sample` (implies --sampling file).
     #[arg(long)]
     triplets: Option<PathBuf>,
@@ -92,8 +93,26 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    pub fn config(&self) -> TrainConfig {
-        let mut c = TrainConfig::recipe(self.recipe.into(), self.data.clone());
+    /// The run's settings: the recipe's preset (or, on a resume, the run's own settings, `run`)
+    /// with the flags given on the command line applied.
+    pub fn config(&self, run: Option<&TrainConfig>) -> Result<TrainConfig> {
+        let Some(data) = self.data.clone().or_else(|| run.map(|r| r.data.clone())) else {
+            bail!("give the training images: --data DIR");
+        };
+        let mut c = match (run, self.recipe) {
+            (Some(r), None) => r.clone(),
+            (r, recipe) => {
+                let mut c =
+                    TrainConfig::recipe(recipe.unwrap_or(RecipeArg::Default).into(), data.clone());
+                // Where the run reads from and its weights stay the run's.
+                if let Some(r) = r {
+                    c.val = r.val.clone();
+                    c.weights = r.weights.clone();
+                }
+                c
+            }
+        };
+        c.data = data;
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
         }
@@ -121,7 +140,7 @@ impl TrainArgs {
             seed,
             save_every
         );
-        if self.recipe == RecipeArg::Seed && self.backbone_lr.is_none() {
+        if self.recipe == Some(RecipeArg::Seed) && self.backbone_lr.is_none() {
             c.backbone_lr = c.lr;
         }
         if self.triplets.is_some() {
@@ -134,20 +153,29 @@ impl TrainArgs {
             c.cache = false;
         }
         c.steps_per_epoch = self.steps_per_epoch.or(c.steps_per_epoch);
-        c.val = self.val.clone();
-        c.weights = self.weights.clone();
-        c
+        if self.val.is_some() {
+            c.val = self.val.clone();
+        }
+        if self.weights.is_some() {
+            c.weights = self.weights.clone();
+        }
+        Ok(c)
     }
 }
 
 /// Runs `deeprank train` and prints its summary.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = args.config();
     let run_dir = match (&args.resume, &args.out) {
         (Some(Some(r)), _) => r.clone(),
         (_, Some(o)) => o.clone(),
         _ => bail!("give the run folder: --out RUN_DIR (or --resume RUN_DIR)"),
     };
+    // A resume continues with the run's own settings; flags given here change them.
+    let prev = match args.resume {
+        Some(_) => Some(TrainConfig::of_run(&run_dir)?),
+        None => None,
+    };
+    let cfg = args.config(prev.as_ref())?;
     let opts = RunOptions {
         run_dir,
         resume: args.resume.is_some(),

@@ -6,12 +6,13 @@
 use crate::data::transform::check_size;
 use crate::model::identity::RunIdentity;
 use crate::model::net::{Arch, EmbedNet, POOLED_LEVEL};
+use crate::model::run::CONFIG;
 use crate::model::weights;
 use crate::train::plan::Sampling;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -146,6 +147,19 @@ impl TrainConfig {
                 weights: None,
             },
         }
+    }
+
+    /// The settings a run was started with (its `config.json`): what a resume continues with.
+    pub fn of_run(run: &Path) -> Result<Self> {
+        let path = run.join(CONFIG);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "nothing to resume: {} has no {CONFIG} (is it a run folder made by `deeprank train --out`?)",
+                run.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged: it is not a training config", path.display()))
     }
 
     pub fn validate(&self) -> Result<()> {
