@@ -209,8 +209,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `deeprank serve`: checks the limits, then serves until Ctrl-C.
-pub fn serve(a: ServeArgs) -> Result<()> {
+/// `deeprank serve`: checks the limits, then serves until Ctrl-C on `threads` runtime threads
+/// (`--threads`; default: all cores).
+pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
     let ServeArgs {
         db,
         model,
@@ -227,6 +228,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let db = Db::open(&db)?;
     let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
+    let defaults = deeprank::serve::ServeOptions::default();
     let opts = deeprank::serve::ServeOptions {
         addr,
         max_upload: (max_upload_mb * 1048576.0) as usize,
@@ -234,7 +236,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         queue,
         max_batch,
         batch_wait: std::time::Duration::from_millis(batch_wait_ms),
-        ..Default::default()
+        threads: threads.unwrap_or(defaults.threads),
+        ..defaults
     };
     deeprank::serve::serve(db, emb, opts)?;
     Ok(())

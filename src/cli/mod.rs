@@ -170,7 +170,8 @@ pub struct ServeArgs {
     /// Largest image in megapixels (by its header, checked before decoding).
     #[arg(long, default_value_t = 40.0)]
     max_megapixels: f64,
-    /// Uploads waiting for the embedder at most; more get 503 + Retry-After.
+    /// Uploads admitted beyond one batch: at most --queue + --max-batch uploads are in flight
+    /// (received, decoded, waiting or embedded); the next gets 503 + Retry-After.
     #[arg(long, default_value_t = 64)]
     queue: usize,
     /// Uploads embedded together at most.
@@ -234,7 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Embed(a) => commands::embed(a),
         Cmd::Query(a) => commands::query(a),
         Cmd::Eval(a) => commands::eval(a),
-        Cmd::Serve(a) => commands::serve(a),
+        Cmd::Serve(a) => commands::serve(a, cli.globals.threads),
         Cmd::Train(a) => train::run(&a),
         Cmd::Classify(a) => commands::classify(a),
     }

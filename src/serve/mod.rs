@@ -27,13 +27,23 @@ pub struct ServeOptions {
     pub max_upload: usize,
     /// Largest image (header-declared pixels) accepted (larger: 413, before decoding).
     pub max_pixels: u64,
-    /// Embedding jobs waiting at most (more: 503).
+    /// Uploads admitted beyond one batch: at most `queue + max_batch` uploads are in flight
+    /// (being received, decoded, waiting for the embedder or in its batch); the next gets 503.
     pub queue: usize,
     /// Images embedded together at most.
     pub max_batch: usize,
     /// How long the worker waits for more jobs to fill a batch.
     pub batch_wait: Duration,
     pub max_top: usize,
+    /// Worker threads of the async runtime (`--threads`).
+    pub threads: usize,
+}
+
+impl ServeOptions {
+    /// Uploads in flight at most ([`ServeOptions::queue`]).
+    pub fn admission_limit(&self) -> usize {
+        self.queue + self.max_batch
+    }
 }
 
 impl Default for ServeOptions {
@@ -46,6 +56,7 @@ impl Default for ServeOptions {
             max_batch: 16,
             batch_wait: Duration::from_millis(3),
             max_top: 100,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -55,9 +66,9 @@ pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
     query::check_compatible(&db, &emb)?;
     let db = Arc::new(db);
     let counters = Arc::new(Counters::default());
-    // Admission (below) keeps at most queue + max_batch uploads in flight, so the channel never
-    // blocks; its capacity matches.
-    let (tx, rx) = sync_channel::<Job>(opts.queue.max(1) + opts.max_batch);
+    // Admission keeps at most queue + max_batch uploads in flight, so the channel never fills;
+    // its capacity matches.
+    let (tx, rx) = sync_channel::<Job>(opts.admission_limit().max(1));
     let classes = db
         .entries
         .iter()
@@ -82,7 +93,7 @@ pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
             .context("cannot start the embedding worker")?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(opts.threads.max(1))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -9,6 +9,7 @@ use crate::serve::limits::{Admission, image_error, upload_bytes};
 use crate::serve::worker::{Counters, Job};
 use crate::serve::{INDEX, ServeOptions};
 use crate::store::db::Db;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -79,22 +80,37 @@ pub(super) fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
+/// The query string, as text: the handlers parse the numbers and say what is wrong.
 #[derive(Deserialize)]
 struct SearchParams {
-    top: Option<usize>,
+    top: Option<String>,
     id: Option<String>,
+}
+
+/// The query string, or the JSON error every other refusal uses.
+fn params(q: Result<Query<SearchParams>, QueryRejection>) -> Result<SearchParams, Response> {
+    q.map(|Query(p)| p).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            format!("bad query string: {}", e.body_text()),
+        )
+    })
 }
 
 impl AppState {
     fn top(&self, p: &SearchParams) -> Result<usize, Response> {
-        match p.top {
-            None => Ok(10),
-            Some(0) => Err(err(StatusCode::BAD_REQUEST, "top must be at least 1")),
-            Some(t) if t > self.opts.max_top => Err(err(
+        let Some(text) = p.top.as_deref() else {
+            return Ok(10);
+        };
+        match text.parse::<usize>() {
+            Ok(t) if (1..=self.opts.max_top).contains(&t) => Ok(t),
+            _ => Err(err(
                 StatusCode::BAD_REQUEST,
-                format!("top must be at most {}", self.opts.max_top),
+                format!(
+                    "top must be a whole number from 1 to {} (got {text:?})",
+                    self.opts.max_top
+                ),
             )),
-            Some(t) => Ok(t),
         }
     }
 }
@@ -123,6 +139,9 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "embedded": c.embedded.load(Ordering::Relaxed),
         "largest_batch": c.largest_batch.load(Ordering::Relaxed),
         "max_upload_bytes": s.opts.max_upload,
+        "in_flight": s.inflight.load(Ordering::Relaxed),
+        "admission_limit": s.opts.admission_limit(),
+        "runtime_threads": tokio::runtime::Handle::current().metrics().num_workers(),
     }))
 }
 
@@ -156,8 +175,15 @@ async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> 
 }
 
 /// `GET /api/search?id=K`: "more like this" for a DB image (itself left out).
-async fn search_by_id(State(s): State<Arc<AppState>>, Query(p): Query<SearchParams>) -> Response {
+async fn search_by_id(
+    State(s): State<Arc<AppState>>,
+    q: Result<Query<SearchParams>, QueryRejection>,
+) -> Response {
     s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return client_error(&s, r),
+    };
     let top = match s.top(&p) {
         Ok(t) => t,
         Err(r) => return client_error(&s, r),
@@ -212,18 +238,21 @@ fn client_error(s: &AppState, r: Response) -> Response {
 /// `POST /api/search?top=N` with an image.
 async fn search_upload(
     State(s): State<Arc<AppState>>,
-    Query(p): Query<SearchParams>,
+    q: Result<Query<SearchParams>, QueryRejection>,
     req: Request,
 ) -> Response {
     s.counters.requests.fetch_add(1, Ordering::Relaxed);
     let t0 = Instant::now();
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return client_error(&s, r),
+    };
     let top = match s.top(&p) {
         Ok(t) => t,
         Err(r) => return client_error(&s, r),
     };
     // Admission before any work: a full server answers 503 without reading or decoding.
-    let limit = s.opts.queue + s.opts.max_batch;
-    if s.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
+    if s.inflight.fetch_add(1, Ordering::AcqRel) >= s.opts.admission_limit() {
         s.inflight.fetch_sub(1, Ordering::AcqRel);
         return busy(&s);
     }
@@ -306,6 +335,13 @@ async fn not_found() -> Response {
     err(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
+async fn method_not_allowed() -> Response {
+    err(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
+}
+
 /// The HTTP routes over a DB and an embedder.
 pub(super) fn router(state: Arc<AppState>) -> Router {
     let limit = state.opts.max_upload + 64 * 1024;
@@ -317,6 +353,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/images/{id}", get(image))
         .route("/api/search", get(search_by_id).post(search_upload))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
