@@ -1,8 +1,8 @@
 //! The one-way architecture of `docs/ARCHITECTURE.md`, checked over the source text: every
 //! `crate::…` (and `super::…`) path in `src/` that reaches another top-level module must reach one
-//! of the same layer or a lower one; nothing outside `train/` but the binaries uses `train`; the
-//! library does not use clap; every top-level module has a layer; no source file is over 600
-//! lines. Comments are not code and are not checked.
+//! of the same layer or a lower one; nothing outside `train/` but `demo` (which shows a short
+//! training run) and the binaries uses `train`; the library does not use clap; every top-level
+//! module has a layer; no source file is over 600 lines. Comments are not code and are not checked.
 
 use std::path::{Path, PathBuf};
 
@@ -179,7 +179,7 @@ fn dependencies_run_one_way() {
                 ));
             }
             for t in targets(line, &here) {
-                let ok = (t != "train" || top == "train")
+                let ok = (t != "train" || top == "train" || top == "demo")
                     && match layer(&t) {
                         Some(l) => l <= mine,
                         // Not a top-level module (a macro's `$crate::` path, an item of lib.rs).

@@ -44,6 +44,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         top: a.top,
         batch: a.batch,
         weights: a.weights,
+        train_epochs: a.train_epochs,
     })?;
     Ok(())
 }

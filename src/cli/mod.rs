@@ -66,6 +66,9 @@ pub struct DemoArgs {
     /// Weights file instead of the fetched ImageNet weights.
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Epochs of the short training run shown beside the pretrained features (0: skip it).
+    #[arg(long, default_value_t = 10)]
+    train_epochs: usize,
 }
 
 #[derive(clap::Args)]
