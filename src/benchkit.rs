@@ -1,5 +1,6 @@
 //! Measurement helpers for `bench/`: reproducible random vectors written as `.npy` (so the FAISS
-//! anchor reads the same arrays) and timed exact searches over them; timed decoding. (The timed
+//! anchor reads the same arrays) and timed exact searches over them; timed decoding; sets with
+//! planted near-duplicates. (The timed
 //! training step is the trainer's own, `train::step::time_train`.)
 
 use crate::data::transform;
@@ -86,4 +87,120 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
         );
     }
     Ok(best)
+}
+
+/// The planted near-duplicate kinds: `half` and `double` size, `jpegQ` (re-encoded at JPEG quality
+/// Q, 1–100), `cropP` (a P % crop of each side at a random offset, P in 50–99), `flip`
+/// (horizontal).
+pub const PLANT_KINDS: &str = "half, double, jpegQ, cropP, flip";
+
+enum Kind {
+    Scale(f32),
+    Jpeg(u8),
+    Crop(u32),
+    Flip,
+}
+
+fn parse_kind(k: &str) -> Result<Kind> {
+    let num = |p: &str| k.strip_prefix(p).and_then(|n| n.parse::<u32>().ok());
+    Ok(match k {
+        "half" => Kind::Scale(0.5),
+        "double" => Kind::Scale(2.0),
+        "flip" => Kind::Flip,
+        _ => match (num("jpeg"), num("crop")) {
+            (Some(q), _) if (1..=100).contains(&q) => Kind::Jpeg(q as u8),
+            (_, Some(p)) if (50..=99).contains(&p) => Kind::Crop(p),
+            _ => anyhow::bail!("unknown kind {k}: use {PLANT_KINDS}"),
+        },
+    })
+}
+
+/// One planted copy of an original.
+#[derive(Clone, Debug)]
+pub struct Planted {
+    pub original: PathBuf,
+    pub copy: PathBuf,
+    pub kind: String,
+}
+
+fn jpeg(img: &image::RgbImage, quality: u8, path: &Path) -> Result<()> {
+    let mut buf = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality).encode_image(img)?;
+    std::fs::write(path, buf)?;
+    Ok(())
+}
+
+/// A set with planted near-duplicates: `originals` copied byte for byte to `out/originals/NNNN.ext`,
+/// and for the first `planted` of them one copy per kind of `kinds` (see [`PLANT_KINDS`]) in
+/// `out/copies/NNNN-KIND.jpg` (JPEG quality 90 but for `jpegQ`). Writes
+/// `out/truth.tsv` (original, copy, kind) and returns the same rows.
+pub fn plant_duplicates(
+    originals: &[PathBuf],
+    planted: usize,
+    kinds: &[&str],
+    out: &Path,
+    seed: u64,
+) -> Result<Vec<Planted>> {
+    use image::imageops::{self, FilterType};
+    let parsed: Vec<Kind> = kinds.iter().map(|k| parse_kind(k)).collect::<Result<_>>()?;
+    let (od, cd) = (out.join("originals"), out.join("copies"));
+    std::fs::create_dir_all(&od)?;
+    std::fs::create_dir_all(&cd)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut truth = Vec::new();
+    for (i, src) in originals.iter().enumerate() {
+        let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("jpg");
+        let orig = od.join(format!("{i:04}.{}", ext.to_ascii_lowercase()));
+        std::fs::copy(src, &orig)?;
+        if i >= planted {
+            continue;
+        }
+        let img = transform::load_rgb(src)?;
+        let (w, h) = img.dimensions();
+        for (&kind, how) in kinds.iter().zip(&parsed) {
+            let copy = cd.join(format!("{i:04}-{kind}.jpg"));
+            match *how {
+                Kind::Scale(f) => {
+                    let (nw, nh) = (
+                        ((w as f32 * f).round() as u32).max(1),
+                        ((h as f32 * f).round() as u32).max(1),
+                    );
+                    let filter = if f < 1.0 {
+                        FilterType::Triangle
+                    } else {
+                        FilterType::CatmullRom
+                    };
+                    jpeg(&imageops::resize(&img, nw, nh, filter), 90, &copy)?
+                }
+                Kind::Jpeg(q) => jpeg(&img, q, &copy)?,
+                Kind::Crop(p) => {
+                    let (cw, ch) = ((w * p / 100).max(1), (h * p / 100).max(1));
+                    let x = rng.random_range(0..=w - cw);
+                    let y = rng.random_range(0..=h - ch);
+                    jpeg(
+                        &imageops::crop_imm(&img, x, y, cw, ch).to_image(),
+                        90,
+                        &copy,
+                    )?
+                }
+                Kind::Flip => jpeg(&imageops::flip_horizontal(&img), 90, &copy)?,
+            }
+            truth.push(Planted {
+                original: orig.clone(),
+                copy,
+                kind: kind.to_string(),
+            });
+        }
+    }
+    let mut tsv = String::from("original\tcopy\tkind\n");
+    for t in &truth {
+        tsv.push_str(&format!(
+            "{}\t{}\t{}\n",
+            t.original.display(),
+            t.copy.display(),
+            t.kind
+        ));
+    }
+    std::fs::write(out.join("truth.tsv"), tsv)?;
+    Ok(truth)
 }

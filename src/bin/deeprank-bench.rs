@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use deeprank::data::collection::{Collection, Labels};
 use deeprank::data::dataset::{Dataset, Split};
 use deeprank::{benchkit, train};
 use globals::Globals;
@@ -26,6 +27,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Builds a set with planted near-duplicates (bench/duplicates.sh): ORIGINALS images spread
+    /// evenly over a folder, and copies of the first PLANTED of them (see benchkit::PLANT_KINDS).
+    Plant {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 500)]
+        originals: usize,
+        #[arg(long, default_value_t = 100)]
+        planted: usize,
+        #[arg(long, default_value = "half,double,jpeg50,crop90,flip")]
+        kinds: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Times exact search over random vectors (bench/search.sh compares it with FAISS).
     Search {
         #[arg(long, default_value = "/tmp/deeprank-bench/search")]
@@ -72,6 +89,34 @@ enum Cmd {
 fn run(cli: Cli) -> Result<()> {
     cli.globals.apply()?;
     match cli.cmd {
+        Cmd::Plant {
+            data,
+            out,
+            originals,
+            planted,
+            kinds,
+            seed,
+        } => {
+            let c = Collection::open(&data, Split::Train, &Labels::None)?;
+            anyhow::ensure!(
+                c.items.len() >= originals && originals > 0,
+                "{} has {} images, fewer than --originals {originals}",
+                data.display(),
+                c.items.len()
+            );
+            let step = c.items.len() / originals;
+            let picked: Vec<PathBuf> = (0..originals)
+                .map(|i| c.items[i * step].path.clone())
+                .collect();
+            let kinds: Vec<&str> = kinds.split(',').map(str::trim).collect();
+            let truth =
+                benchkit::plant_duplicates(&picked, planted.min(originals), &kinds, &out, seed)?;
+            println!(
+                "RESULT planted originals={originals} copies={} out={}",
+                truth.len(),
+                out.display()
+            );
+        }
         Cmd::Search {
             dir,
             n,

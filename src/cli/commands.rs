@@ -5,22 +5,25 @@ use super::{
     WeightsCmd,
 };
 use anyhow::{Result, bail};
+use deeprank::data::collection::{Collection, Labels};
 use deeprank::data::dataset::{Dataset, Split};
 use deeprank::data::sampler;
+use deeprank::data::skipped::Skipped;
+use deeprank::data::walk;
 use deeprank::demo;
 use deeprank::infer::embedder::{Embedder, ModelSpec};
 use deeprank::model::weights as lite0_weights;
 use deeprank::render::grid;
 use deeprank::search::{eval, query};
-use deeprank::store::build::embed_dataset;
+use deeprank::store::build::embed_collection;
 use deeprank::store::db::Db;
 
-fn report_ignored(ds: &Dataset) {
-    if !ds.ignored.is_empty() {
+fn report_left_out(left_out: &[Skipped]) {
+    if !left_out.is_empty() {
         eprintln!(
-            "note: {} files without an image extension were ignored (first: {})",
-            ds.ignored.len(),
-            ds.ignored[0].display()
+            "note: {} files left out: {}",
+            left_out.len(),
+            walk::summarise(left_out)
         );
     }
 }
@@ -53,14 +56,15 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 pub fn sample(a: SampleArgs) -> Result<()> {
     let SampleArgs {
         data,
+        labels,
         out,
         n_pos,
         n_neg,
         seed,
     } = a;
     let t0 = std::time::Instant::now();
-    let ds = Dataset::open(&data, Split::Train)?;
-    report_ignored(&ds);
+    let ds = Dataset::open_labelled(&data, Split::Train, &Labels::parse(&labels))?;
+    report_left_out(&ds.ignored);
     let s = sampler::sample(&ds, n_pos, n_neg, seed)?;
     for &c in &s.small_classes {
         eprintln!(
@@ -84,6 +88,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 pub fn embed(a: EmbedArgs) -> Result<()> {
     let EmbedArgs {
         data,
+        labels,
         out,
         model,
         size,
@@ -94,11 +99,17 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         weights,
     } = a;
     let spec = ModelSpec::parse(&model)?;
-    let ds = Dataset::open(&data, split.into())?;
-    report_ignored(&ds);
-    eprintln!("{}", ds.summary());
+    let c = Collection::open(&data, split.into(), &Labels::parse(&labels))?;
+    report_left_out(&c.left_out);
+    eprintln!("{}", c.summary());
+    if !c.is_labelled() {
+        eprintln!(
+            "note: no labels ({}): query, serve and duplicates work; eval and train need classes",
+            c.unlabelled_because.as_deref().unwrap_or("--labels none")
+        );
+    }
     let emb = Embedder::from_spec(&spec, weights.as_deref(), size, !no_normalize)?;
-    let rep = embed_dataset(&emb, &ds, &out, text.as_deref(), batch)?;
+    let rep = embed_collection(&emb, &c, &out, text.as_deref(), batch)?;
     if !rep.skipped.is_empty() {
         eprintln!(
             "skipped {} unreadable images (listed above)",
@@ -134,11 +145,11 @@ pub fn query(a: QueryArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         for q in &results {
-            println!(
-                "query {} (class {})",
-                q.image.display(),
-                q.class_id.as_deref().unwrap_or("?")
-            );
+            match &q.class_id {
+                Some(c) => println!("query {} (class {c})", q.image.display()),
+                None if db.is_labelled() => println!("query {} (class ?)", q.image.display()),
+                None => println!("query {} (the DB has no labels)", q.image.display()),
+            }
             println!("{:>4}  {:>8}  {:<12} path", "rank", "distance", "class");
             for r in &q.results {
                 let mark = match r.same_class {
@@ -176,7 +187,8 @@ pub fn query(a: QueryArgs) -> Result<()> {
 pub fn eval(a: EvalArgs) -> Result<()> {
     let ks = eval::parse_ks(&a.k)?;
     let db = Db::open(&a.db)?;
-    let ds = Dataset::open(&a.queries, Split::Val)?;
+    let ds = Dataset::open_labelled(&a.queries, Split::Val, &Labels::parse(&a.labels))
+        .map_err(|e| e.context("eval needs labelled query images"))?;
     eprintln!("queries: {}", ds.summary());
     let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
     let rep = eval::evaluate(&emb, &db, &ds, &ks, a.batch)?;

@@ -2,6 +2,7 @@
 //! what each command prints. The library itself knows nothing of clap.
 
 mod commands;
+mod duplicates;
 pub mod globals;
 mod train;
 
@@ -33,7 +34,8 @@ pub enum Cmd {
     Sample(SampleArgs),
     /// Manages the ImageNet weights of EfficientNet-Lite0.
     Weights(WeightsArgs),
-    /// Embeds every image of a dataset into a DB folder (vectors.npy, manifest.tsv, meta.json).
+    /// Embeds every image under a folder (any tree, labels optional) into a DB folder (vectors.npy,
+    /// manifest.tsv, meta.json).
     Embed(EmbedArgs),
     /// Finds the images of a DB closest to query images.
     Query(QueryArgs),
@@ -45,6 +47,8 @@ pub enum Cmd {
     Train(Box<TrainArgs>),
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify(ClassifyArgs),
+    /// Lists groups of near-identical images of a DB (TSV, JSON, a picture per group).
+    Duplicates(duplicates::DuplicatesArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +79,15 @@ pub struct DemoArgs {
 pub struct SampleArgs {
     #[arg(long)]
     data: PathBuf,
+    /// Labels: auto (Tiny ImageNet layout, else class folders when every image sits in a
+    /// sub-folder, else none), none, folders, tiny-imagenet, or a FILE of `path<TAB>class` rows
+    /// (paths relative to the data folder).
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|none|folders|tiny-imagenet|FILE"
+    )]
+    labels: String,
     #[arg(long, default_value = "triplets.txt")]
     out: PathBuf,
     #[arg(long, default_value_t = 1)]
@@ -93,8 +106,18 @@ pub struct WeightsArgs {
 
 #[derive(clap::Args)]
 pub struct EmbedArgs {
+    /// A folder of images: every supported image under it, at any depth, is embedded.
     #[arg(long)]
     data: PathBuf,
+    /// Labels: auto (Tiny ImageNet layout, else class folders when every image sits in a
+    /// sub-folder, else none), none, folders, tiny-imagenet, or a FILE of `path<TAB>class` rows
+    /// (paths relative to the data folder).
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|none|folders|tiny-imagenet|FILE"
+    )]
+    labels: String,
     #[arg(long)]
     out: PathBuf,
     /// `pretrained` (ImageNet EfficientNet-Lite0, pooled 1280-d features).
@@ -111,7 +134,7 @@ pub struct EmbedArgs {
     /// Keep raw features instead of L2-normalising them.
     #[arg(long)]
     no_normalize: bool,
-    /// Which split of a dataset root to embed.
+    /// Which split of a dataset root (Tiny ImageNet, or train/ + val/) to embed.
     #[arg(long, value_enum, default_value = "train")]
     split: SplitArg,
     #[arg(long)]
@@ -146,6 +169,15 @@ pub struct EvalArgs {
     /// Query images: a Tiny ImageNet root (its val/), a val folder, or class folders.
     #[arg(long)]
     queries: PathBuf,
+    /// Labels: auto (Tiny ImageNet layout, else class folders when every image sits in a
+    /// sub-folder, else none), none, folders, tiny-imagenet, or a FILE of `path<TAB>class` rows
+    /// (paths relative to the data folder).
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|none|folders|tiny-imagenet|FILE"
+    )]
+    labels: String,
     #[arg(long, default_value = "1,10,30")]
     k: String,
     #[arg(long)]
@@ -241,5 +273,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => commands::serve(a, cli.globals.threads),
         Cmd::Train(a) => train::run(&a),
         Cmd::Classify(a) => commands::classify(a),
+        Cmd::Duplicates(a) => duplicates::run(a),
     }
 }

@@ -1,12 +1,18 @@
 //! Datasets: Tiny ImageNet layout and plain class-folder trees, scanned into a deterministic list of
-//! labelled image paths.
+//! labelled image paths. (Any folder tree, labelled or not, is a [`crate::data::collection`]; a
+//! `Dataset` is one whose every image has a class, what training and evaluation need.)
 //!
 //! Layouts, detected from what the folder holds:
 //! - Tiny ImageNet root: `wnids.txt` + `train/<wnid>/images/*` (+ `val/`), class names from `words.txt`.
 //! - Tiny ImageNet val folder: `val_annotations.txt` + `images/`.
-//! - Class folders: `root/<class>/*.{jpg,jpeg,png}` (or `root/<class>/images/*`); a root holding
-//!   `train/` and `val/` class-folder trees is opened on the split asked for.
+//! - Class folders: `root/<class>/**/*.{jpg,jpeg,png}` (any depth below the class folder, e.g.
+//!   `root/<class>/images/*`); a root holding `train/` and `val/` class-folder trees is opened on
+//!   the split asked for.
+//! - A label file: `path<TAB>class` rows (see [`crate::data::collection::Labels`]).
 
+use crate::data::collection::{Collection, Labels};
+use crate::data::skipped::Skipped;
+use crate::data::walk::reason_not_image;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
 use std::fs;
@@ -27,6 +33,10 @@ pub enum Layout {
     TinyImagenetTrain,
     TinyImagenetVal,
     ClassFolders,
+    /// Classes from a `path<TAB>class` file.
+    LabelFile,
+    /// No labels (only ever a [`crate::data::collection::Collection`], never a `Dataset`).
+    Unlabelled,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,11 +60,13 @@ pub struct Dataset {
     pub layout: Layout,
     pub classes: Vec<Class>,
     pub items: Vec<Item>,
-    /// Files that were seen but are not images by their extension (reported, not used).
-    pub ignored: Vec<PathBuf>,
+    /// Files that were seen but left out (not an image extension, unreadable, no label, ...), each
+    /// with the reason (reported, not used).
+    pub ignored: Vec<Skipped>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+/// The image extensions we decode (matched in any case): the one list every part of the crate uses.
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// True when the path has an image extension we decode (jpg, jpeg, png; any case).
 pub fn has_image_extension(path: &Path) -> bool {
@@ -65,50 +77,15 @@ pub fn has_image_extension(path: &Path) -> bool {
 }
 
 impl Dataset {
-    /// Opens `dir` on `split`, detecting the layout.
+    /// Opens `dir` on `split`, detecting the layout; an error when its images have no labels.
     pub fn open(dir: &Path, split: Split) -> Result<Dataset> {
-        if !dir.exists() {
-            bail!(
-                "data folder {} does not exist: pass a Tiny ImageNet root (wnids.txt, train/) or a folder of class folders",
-                dir.display()
-            );
-        }
-        if !dir.is_dir() {
-            bail!("{} is not a folder: pass a dataset folder", dir.display());
-        }
-        let ds = if dir.join("wnids.txt").is_file() && dir.join("train").is_dir() {
-            match split {
-                Split::Train => open_tiny_train(dir)?,
-                Split::Val => {
-                    let val = dir.join("val");
-                    if !val.join("val_annotations.txt").is_file() {
-                        bail!(
-                            "{} has no val/val_annotations.txt: pass the query folder itself",
-                            dir.display()
-                        );
-                    }
-                    open_tiny_val(&val)?
-                }
-            }
-        } else if dir.join("val_annotations.txt").is_file() {
-            open_tiny_val(dir)?
-        } else {
-            let sub = match split {
-                Split::Train => dir.join("train"),
-                Split::Val => dir.join("val"),
-            };
-            if sub.is_dir() && has_only_split_folders(dir)? {
-                return Dataset::open(&sub, split);
-            }
-            open_class_folders(dir)?
-        };
-        if ds.items.is_empty() {
-            bail!(
-                "no images (.jpg, .jpeg, .png) found under {}: check the path and layout",
-                dir.display()
-            );
-        }
-        Ok(ds)
+        Dataset::open_labelled(dir, split, &Labels::Auto)
+    }
+
+    /// Opens `dir` on `split` with the labels `labels` says; an error (saying how to give labels)
+    /// when none of its images has one. Images without a label are left out, with the reason.
+    pub fn open_labelled(dir: &Path, split: Split, labels: &Labels) -> Result<Dataset> {
+        Collection::open(dir, split, labels)?.into_dataset()
     }
 
     /// Number of images per class.
@@ -132,16 +109,51 @@ impl Dataset {
     }
 }
 
-fn has_only_split_folders(dir: &Path) -> Result<bool> {
+/// The Tiny ImageNet layouts: a root (`wnids.txt` + `train/`) opened on `split`, or a val folder
+/// (`val_annotations.txt`); `None` when `dir` is neither.
+pub(crate) fn open_tiny(dir: &Path, split: Split) -> Result<Option<Dataset>> {
+    if dir.join("wnids.txt").is_file() && dir.join("train").is_dir() {
+        Ok(Some(match split {
+            Split::Train => open_tiny_train(dir)?,
+            Split::Val => {
+                let val = dir.join("val");
+                if !val.join("val_annotations.txt").is_file() {
+                    bail!(
+                        "{} has no val/val_annotations.txt: pass the query folder itself",
+                        dir.display()
+                    );
+                }
+                open_tiny_val(&val)?
+            }
+        }))
+    } else if dir.join("val_annotations.txt").is_file() {
+        Ok(Some(open_tiny_val(dir)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// A root holding only `train/`, `val/` (and `test/`) folders and no images of its own: the
+/// folder of `split`.
+pub(crate) fn split_folder(dir: &Path, split: Split) -> Result<Option<PathBuf>> {
+    let sub = match split {
+        Split::Train => dir.join("train"),
+        Split::Val => dir.join("val"),
+    };
+    if !sub.is_dir() {
+        return Ok(None);
+    }
     for e in read_dir_sorted(dir)? {
         if e.is_dir() {
             let n = e.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if !matches!(n, "train" | "val" | "test") {
-                return Ok(false);
+                return Ok(None);
             }
+        } else if has_image_extension(&e) {
+            return Ok(None);
         }
     }
-    Ok(true)
+    Ok(Some(sub))
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -154,7 +166,7 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads `words.txt` (wnid TAB names) from `dir` or its parent; first name of each line.
-fn read_words(dir: &Path) -> HashMap<String, String> {
+pub(crate) fn read_words(dir: &Path) -> HashMap<String, String> {
     let mut map = HashMap::new();
     for cand in [Some(dir), dir.parent()].into_iter().flatten() {
         let p = cand.join("words.txt");
@@ -181,7 +193,7 @@ fn read_wnids(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-fn make_classes(ids: Vec<String>, words: &HashMap<String, String>) -> Vec<Class> {
+pub(crate) fn make_classes(ids: Vec<String>, words: &HashMap<String, String>) -> Vec<Class> {
     ids.into_iter()
         .map(|id| Class {
             name: words.get(&id).cloned().unwrap_or_else(|| id.clone()),
@@ -191,7 +203,7 @@ fn make_classes(ids: Vec<String>, words: &HashMap<String, String>) -> Vec<Class>
 }
 
 /// Lists the images of one class folder (or its `images/` subfolder), sorted.
-fn class_images(dir: &Path, ignored: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+fn class_images(dir: &Path, ignored: &mut Vec<Skipped>) -> Result<Vec<PathBuf>> {
     let img_dir = if dir.join("images").is_dir() {
         dir.join("images")
     } else {
@@ -205,7 +217,10 @@ fn class_images(dir: &Path, ignored: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> 
         if has_image_extension(&p) {
             out.push(p);
         } else {
-            ignored.push(p);
+            ignored.push(Skipped {
+                reason: reason_not_image(&p),
+                path: p,
+            });
         }
     }
     Ok(out)
@@ -282,41 +297,5 @@ fn open_tiny_val(dir: &Path) -> Result<Dataset> {
         classes: make_classes(wnids, &words),
         items,
         ignored: Vec::new(),
-    })
-}
-
-fn open_class_folders(root: &Path) -> Result<Dataset> {
-    let words = read_words(root);
-    let mut ids = Vec::new();
-    let mut items = Vec::new();
-    let mut ignored = Vec::new();
-    for d in read_dir_sorted(root)? {
-        if !d.is_dir() {
-            if has_image_extension(&d) {
-                ignored.push(d);
-            }
-            continue;
-        }
-        let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            ignored.push(d);
-            continue;
-        };
-        if name.starts_with('.') {
-            continue;
-        }
-        let imgs = class_images(&d, &mut ignored)?;
-        if imgs.is_empty() {
-            continue;
-        }
-        let ci = ids.len();
-        ids.push(name);
-        items.extend(imgs.into_iter().map(|p| Item { path: p, class: ci }));
-    }
-    Ok(Dataset {
-        root: root.to_path_buf(),
-        layout: Layout::ClassFolders,
-        classes: make_classes(ids, &words),
-        items,
-        ignored,
     })
 }

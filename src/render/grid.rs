@@ -73,6 +73,8 @@ pub struct Grid {
     pub query: PathBuf,
     pub caption: String,
     pub rows: Vec<GridRow>,
+    /// The two headings (over the query, over the rows); `None`: "query", "top N by Euclidean distance".
+    pub headings: Option<(String, String)>,
 }
 
 /// Renders one query and its results to an image.
@@ -83,14 +85,14 @@ pub fn render(q: &Grid) -> RgbImage {
     let width = PAD + cell_w * (COLS + 1) + PAD;
     let height = PAD + 12 + cell_h * rows;
     let mut img = RgbImage::from_pixel(width, height, BG);
-    draw_text(&mut img, PAD, PAD, "query", INK);
-    draw_text(
-        &mut img,
-        PAD + cell_w + PAD,
-        PAD,
-        &format!("top {} by Euclidean distance", q.rows.len()),
-        INK,
-    );
+    let (left, right) = q.headings.clone().unwrap_or_else(|| {
+        (
+            "query".into(),
+            format!("top {} by Euclidean distance", q.rows.len()),
+        )
+    });
+    draw_text(&mut img, PAD, PAD, &left, INK);
+    draw_text(&mut img, PAD + cell_w + PAD, PAD, &right, INK);
     let y0 = PAD + 12;
     let qfile = q
         .query

@@ -203,6 +203,12 @@ pub fn evaluate(
     batch: usize,
 ) -> Result<EvalReport> {
     crate::search::query::check_compatible(db, emb)?;
+    if !db.is_labelled() {
+        bail!(
+            "DB {} has no labels (it was embedded from a folder without classes), and eval needs them:              embed a labelled folder (class sub-folders, Tiny ImageNet, or --labels FILE.tsv)",
+            db.dir.display()
+        );
+    }
     let t0 = std::time::Instant::now();
     let qs = embed_queries(emb, queries, batch)?;
     let db_class: Vec<String> = db.entries.iter().map(|e| e.class_id.clone()).collect();

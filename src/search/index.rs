@@ -48,8 +48,9 @@ impl TopK {
     }
 }
 
+/// Squared Euclidean distance.
 #[inline]
-fn sq_l2(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn sq_l2(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise without reassociation flags.
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
@@ -145,7 +146,8 @@ fn scan(
     out.into_iter().map(finish).collect()
 }
 
-fn norms(x: &[f32], dim: usize) -> Vec<f32> {
+/// Squared norm of every row.
+pub(crate) fn norms(x: &[f32], dim: usize) -> Vec<f32> {
     x.par_chunks(dim.max(1) * 4096)
         .flat_map_iter(|c| {
             c.chunks_exact(dim)
@@ -153,6 +155,50 @@ fn norms(x: &[f32], dim: usize) -> Vec<f32> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// `dots[m × nb]` (row-major, row stride `nb`) = `a[a0..a0+m] · b[b0..b0+nb]ᵀ`, rows of `dim`
+/// values, by one single-threaded matrix product (callers parallelise over blocks).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_block(
+    a: &[f32],
+    a0: usize,
+    m: usize,
+    b: &[f32],
+    b0: usize,
+    nb: usize,
+    dim: usize,
+    dots: &mut [f32],
+) {
+    assert!(
+        a.len() >= (a0 + m) * dim && b.len() >= (b0 + nb) * dim && dots.len() >= m * nb,
+        "dot_block out of bounds"
+    );
+    // SAFETY: the assert above: the pointers cover m×dim, nb×dim and m×nb f32 values with the
+    // strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            nb,
+            dim,
+            dots.as_mut_ptr(),
+            1,
+            nb as isize,
+            false,
+            a[a0 * dim..].as_ptr(),
+            1,
+            dim as isize,
+            b[b0 * dim..].as_ptr(),
+            dim as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// Many queries: blocks of queries in parallel; per block, `q·x` for a block of rows by one
@@ -185,31 +231,7 @@ fn blocked(
             for r0 in (0..n).step_by(DB_BLOCK) {
                 let r1 = (r0 + DB_BLOCK).min(n);
                 let nb = r1 - r0;
-                // dots[m × nb] (row-major, row stride nb) = Q[m × dim] · X[r0..r1]ᵀ.
-                // SAFETY: the pointers cover m×dim, nb×dim and m×nb f32 values with the strides given.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        nb,
-                        dim,
-                        dots.as_mut_ptr(),
-                        1,
-                        nb as isize,
-                        false,
-                        queries[q0 * dim..].as_ptr(),
-                        1,
-                        dim as isize,
-                        db[r0 * dim..].as_ptr(),
-                        dim as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                dot_block(queries, q0, m, db, r0, nb, dim, &mut dots);
                 let xb = &xn[r0..r1];
                 for (t, top) in tops.iter_mut().enumerate() {
                     let qq = qn[q0 + t];

@@ -85,7 +85,15 @@ impl QueryResult {
                     path: r.path.clone(),
                     rank: r.rank,
                     distance: r.distance,
-                    caption: r.class_name.clone(),
+                    // A result without a class is captioned with its file name.
+                    caption: if r.class_name.is_empty() {
+                        r.path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default()
+                    } else {
+                        r.class_name.clone()
+                    },
                     mark: match r.same_class {
                         Some(true) => Mark::Same,
                         Some(false) => Mark::Different,
@@ -93,6 +101,7 @@ impl QueryResult {
                     },
                 })
                 .collect(),
+            headings: None,
         }
     }
 }
@@ -153,7 +162,10 @@ pub fn rank(
                         path: e.path.clone(),
                         class_id: e.class_id.clone(),
                         class_name: e.class_name.clone(),
-                        same_class: qc.as_ref().map(|c| *c == e.class_id),
+                        // Known only when both the query and the result have a class.
+                        same_class: qc
+                            .as_ref()
+                            .and_then(|c| e.class().map(|ec| ec == c.as_str())),
                     }
                 })
                 .collect()
@@ -183,7 +195,7 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
         );
     }
     let flat: Vec<f32> = vecs.into_iter().flatten().flatten().collect();
-    let known: HashSet<&str> = db.entries.iter().map(|e| e.class_id.as_str()).collect();
+    let known: HashSet<&str> = db.entries.iter().filter_map(|e| e.class()).collect();
     let classes: Vec<Option<String>> = images.iter().map(|p| guess_class(p, &known)).collect();
     let ranked = rank(db, &flat, &classes, top);
     Ok(images

@@ -69,12 +69,7 @@ pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
     // Admission keeps at most queue + max_batch uploads in flight, so the channel never fills;
     // its capacity matches.
     let (tx, rx) = sync_channel::<Job>(opts.admission_limit().max(1));
-    let classes = db
-        .entries
-        .iter()
-        .map(|e| e.class_id.as_str())
-        .collect::<std::collections::HashSet<_>>()
-        .len();
+    let classes = db.class_count();
     let state = Arc::new(AppState {
         inflight: Arc::new(AtomicUsize::new(0)),
         db: db.clone(),

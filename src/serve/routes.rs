@@ -132,6 +132,7 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "size": s.size,
         "normalized": s.db.meta.normalized,
         "classes": s.classes,
+        "labelled": s.classes > 0,
         "requests": c.requests.load(Ordering::Relaxed),
         "rejected_busy": c.busy.load(Ordering::Relaxed),
         "client_errors": c.client_errors.load(Ordering::Relaxed),
@@ -205,7 +206,8 @@ async fn search_by_id(
     let rows = tokio::task::spawn_blocking(move || {
         let e = &st.db.entries[id];
         let v = st.db.vectors.row(id).to_vec();
-        let mut rows = query::rank(&st.db, &v, &[Some(e.class_id.clone())], top + 1)
+        let class = e.class().map(str::to_string);
+        let mut rows = query::rank(&st.db, &v, &[class], top + 1)
             .pop()
             .unwrap_or_default();
         rows.retain(|r| r.id != id);
@@ -221,8 +223,8 @@ async fn search_by_id(
         query_ms: t0.elapsed().as_secs_f64() * 1e3,
         query: QueryInfo {
             id: Some(id),
-            class_id: Some(e.class_id.clone()),
-            class_name: Some(e.class_name.clone()),
+            class_id: e.class().map(|_| e.class_id.clone()),
+            class_name: e.class().map(|_| e.class_name.clone()),
             image_url: Some(format!("/api/images/{id}")),
         },
         results: hits(rows),

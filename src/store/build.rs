@@ -1,6 +1,7 @@
-//! The seed's "save embeddings" stage: every image of a dataset embedded (batched, decoding overlapped
+//! The seed's "save embeddings" stage: every image of a dataset or collection embedded (batched, decoding overlapped
 //! with the network) and streamed into a DB folder.
 
+use crate::data::collection::Collection;
 use crate::data::dataset::Dataset;
 use crate::data::skipped::Skipped;
 use crate::infer::embedder::Embedder;
@@ -26,25 +27,65 @@ pub fn embed_dataset(
     text: Option<&Path>,
     batch: usize,
 ) -> Result<EmbedReport> {
+    let entries = ds
+        .items
+        .iter()
+        .map(|item| {
+            let class = &ds.classes[item.class];
+            Entry {
+                path: item.path.clone(),
+                class_id: class.id.clone(),
+                class_name: class.name.clone(),
+            }
+        })
+        .collect();
+    embed_entries(emb, entries, &ds.root, out, text, batch)
+}
+
+/// Embeds every image of a collection (labelled or not: an image without a class gets empty
+/// class fields in the manifest) into a DB at `out`.
+pub fn embed_collection(
+    emb: &Embedder,
+    c: &Collection,
+    out: &Path,
+    text: Option<&Path>,
+    batch: usize,
+) -> Result<EmbedReport> {
+    let entries = c
+        .items
+        .iter()
+        .map(|item| {
+            let class = item.class.map(|k| &c.classes[k]);
+            Entry {
+                path: item.path.clone(),
+                class_id: class.map(|k| k.id.clone()).unwrap_or_default(),
+                class_name: class.map(|k| k.name.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    embed_entries(emb, entries, &c.root, out, text, batch)
+}
+
+fn embed_entries(
+    emb: &Embedder,
+    entries: Vec<Entry>,
+    root: &Path,
+    out: &Path,
+    text: Option<&Path>,
+    batch: usize,
+) -> Result<EmbedReport> {
     let t0 = std::time::Instant::now();
     let mut writer = DbWriter::create(out, emb.dim, text)?;
-    let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+    let paths: Vec<PathBuf> = entries.iter().map(|e| e.path.clone()).collect();
     let mut count = 0;
     let skipped = embed_stream(emb, &paths, batch, "embed", |i, v| {
-        let item = &ds.items[i];
-        let class = &ds.classes[item.class];
-        let entry = Entry {
-            path: item.path.clone(),
-            class_id: class.id.clone(),
-            class_name: class.name.clone(),
-        };
         count += 1;
-        writer.push(&entry, v)
+        writer.push(&entries[i], v)
     })?;
     if count == 0 {
         bail!(
             "none of the {} images could be decoded; nothing written",
-            ds.items.len()
+            entries.len()
         );
     }
     let meta = Meta {
@@ -54,7 +95,7 @@ pub fn embed_dataset(
         dim: emb.dim,
         count,
         normalized: emb.normalize,
-        data: ds.root.display().to_string(),
+        data: root.display().to_string(),
         deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let db = writer.finish(meta)?;

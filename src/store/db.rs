@@ -32,12 +32,19 @@ pub struct Meta {
     pub deeprank_version: String,
 }
 
-/// One row of the manifest.
+/// One row of the manifest. An image without a label has empty class fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub path: PathBuf,
     pub class_id: String,
     pub class_name: String,
+}
+
+impl Entry {
+    /// The class id, when the image has a label.
+    pub fn class(&self) -> Option<&str> {
+        (!self.class_id.is_empty()).then_some(self.class_id.as_str())
+    }
 }
 
 /// Writes a DB folder: vectors streamed to a temporary sibling folder, moved in place on finish.
@@ -227,5 +234,17 @@ impl Db {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Whether any image of the DB has a label (a DB of an unlabelled folder has none).
+    pub fn is_labelled(&self) -> bool {
+        self.entries.iter().any(|e| e.class().is_some())
+    }
+
+    /// Number of distinct classes (0 for an unlabelled DB).
+    pub fn class_count(&self) -> usize {
+        let set: std::collections::HashSet<&str> =
+            self.entries.iter().filter_map(Entry::class).collect();
+        set.len()
     }
 }

@@ -63,7 +63,8 @@ struct TrainData {
 impl TrainData {
     /// Opens the training set and checks its images; the unreadable ones are returned.
     fn open(cfg: &TrainConfig) -> Result<(Self, Vec<String>)> {
-        let ds = Dataset::open(&cfg.data, Split::Train)?;
+        let ds = Dataset::open(&cfg.data, Split::Train)
+            .map_err(|e| e.context("training needs labelled images"))?;
         eprintln!("train: {}", ds.summary());
         let (usable, skipped) = readable(&ds);
         let idx = ClassIndex::new(&ds, &usable)?;
