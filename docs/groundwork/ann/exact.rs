@@ -1,0 +1,327 @@
+//! Exact nearest-neighbour search by Euclidean distance over a contiguous f32 buffer.
+//!
+//! Queries are processed in blocks so each database row, once loaded, is compared with every query
+//! of the block while it sits in cache; blocks run in parallel; each query keeps a partial top-k.
+
+use rayon::prelude::*;
+
+/// One search result: database row and Euclidean distance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub index: usize,
+    pub distance: f32,
+}
+
+/// Top-k of smallest squared distances, ties broken by the lower index.
+struct TopK {
+    k: usize,
+    items: Vec<(f32, usize)>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    fn worst(&self) -> f32 {
+        if self.items.len() < self.k {
+            f32::INFINITY
+        } else {
+            self.items[self.items.len() - 1].0
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, d: f32, i: usize) {
+        if self.k == 0 || (self.items.len() >= self.k && d >= self.worst()) {
+            return;
+        }
+        let pos = self
+            .items
+            .partition_point(|&(x, j)| x < d || (x == d && j < i));
+        self.items.insert(pos, (d, i));
+        self.items.truncate(self.k);
+    }
+}
+
+#[inline]
+fn sq_l2(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise without reassociation flags.
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            let d = x[j] - y[j];
+            acc[j] += d * d;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        let d = x - y;
+        s += d * d;
+    }
+    s
+}
+
+/// Below this many queries the search scans the DB directly, split across threads by DB rows;
+/// from it on, distances come from matrix products (‖x‖² − 2 q·x) over blocks of queries and rows.
+const GEMM_MIN_QUERIES: usize = 8;
+/// Most queries per block of the matrix-product path (fewer when that leaves threads idle).
+const QUERY_BLOCK: usize = 512;
+/// DB rows per block (a `QUERY_BLOCK × DB_BLOCK` tile of products stays in cache).
+const DB_BLOCK: usize = 1024;
+
+fn finish(t: TopK) -> Vec<Hit> {
+    t.items
+        .into_iter()
+        .map(|(d, i)| Hit {
+            index: i,
+            distance: d.max(0.0).sqrt(),
+        })
+        .collect()
+}
+
+/// Top-`k` database rows for each query, nearest first (ties: lower row first). `skip(q, i)`
+/// excludes row `i` for query `q` (e.g. the query itself when it is in the database).
+pub fn search(
+    db: &[f32],
+    dim: usize,
+    queries: &[f32],
+    k: usize,
+    skip: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Vec<Vec<Hit>> {
+    assert!(dim > 0 && db.len().is_multiple_of(dim) && queries.len().is_multiple_of(dim));
+    let nq = queries.len() / dim;
+    if nq < GEMM_MIN_QUERIES {
+        scan(db, dim, queries, k, skip)
+    } else {
+        blocked(db, dim, queries, k, skip)
+    }
+}
+
+/// Few queries: every thread scans a slice of the DB for all queries; partial top-ks are merged.
+fn scan(
+    db: &[f32],
+    dim: usize,
+    queries: &[f32],
+    k: usize,
+    skip: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Vec<Vec<Hit>> {
+    let nq = queries.len() / dim;
+    let n = db.len() / dim;
+    let parts = rayon::current_num_threads().max(1) * 4;
+    let chunk = n.div_ceil(parts).max(1024);
+    let partial: Vec<Vec<TopK>> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+            let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+            for i in r0..r1 {
+                let row = &db[i * dim..(i + 1) * dim];
+                for (q, t) in tops.iter_mut().enumerate() {
+                    let d = sq_l2(&queries[q * dim..(q + 1) * dim], row);
+                    if d < t.worst() && !skip(q, i) {
+                        t.push(d, i);
+                    }
+                }
+            }
+            tops
+        })
+        .collect();
+    let mut out: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    for tops in partial {
+        for (q, t) in tops.into_iter().enumerate() {
+            for (d, i) in t.items {
+                out[q].push(d, i);
+            }
+        }
+    }
+    out.into_iter().map(finish).collect()
+}
+
+fn norms(x: &[f32], dim: usize) -> Vec<f32> {
+    x.par_chunks(dim.max(1) * 4096)
+        .flat_map_iter(|c| {
+            c.chunks_exact(dim)
+                .map(|r| r.iter().map(|v| v * v).sum::<f32>())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Many queries: blocks of queries in parallel; per block, `q·x` for a block of rows by one
+/// matrix product, then `‖q‖² + ‖x‖² − 2 q·x` into each query's top-k.
+fn blocked(
+    db: &[f32],
+    dim: usize,
+    queries: &[f32],
+    k: usize,
+    skip: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Vec<Vec<Hit>> {
+    let nq = queries.len() / dim;
+    let n = db.len() / dim;
+    let xn = norms(db, dim);
+    let qn = norms(queries, dim);
+    let qb = nq
+        .div_ceil(rayon::current_num_threads().max(1))
+        .clamp(16, QUERY_BLOCK);
+    let blocks: Vec<usize> = (0..nq).step_by(qb).collect();
+    let per_block: Vec<Vec<Vec<Hit>>> = blocks
+        .par_iter()
+        .map(|&q0| {
+            let q1 = (q0 + qb).min(nq);
+            let m = q1 - q0;
+            // Candidates beyond k absorb the rounding of ‖q‖² + ‖x‖² − 2q·x; they are re-ranked by
+            // exact distances below, so results equal the direct computation's.
+            let extra = if k == 0 { 0 } else { 8.max(k / 8) };
+            let mut tops: Vec<TopK> = (q0..q1).map(|_| TopK::new(k + extra)).collect();
+            let mut dots = vec![0f32; m * DB_BLOCK];
+            for r0 in (0..n).step_by(DB_BLOCK) {
+                let r1 = (r0 + DB_BLOCK).min(n);
+                let nb = r1 - r0;
+                // dots[m × nb] (row-major, row stride nb) = Q[m × dim] · X[r0..r1]ᵀ.
+                // SAFETY: the pointers cover m×dim, nb×dim and m×nb f32 values with the strides given.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nb,
+                        dim,
+                        dots.as_mut_ptr(),
+                        1,
+                        nb as isize,
+                        false,
+                        queries[q0 * dim..].as_ptr(),
+                        1,
+                        dim as isize,
+                        db[r0 * dim..].as_ptr(),
+                        dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let xb = &xn[r0..r1];
+                for (t, top) in tops.iter_mut().enumerate() {
+                    let qq = qn[q0 + t];
+                    let row = &dots[t * nb..(t + 1) * nb];
+                    // Compare ‖x‖² − 2q·x against (worst − ‖q‖²): one subtraction per row fewer.
+                    let mut bound = top.worst() - qq;
+                    for (j, (&dot, &x2)) in row.iter().zip(xb).enumerate() {
+                        let e = x2 - 2.0 * dot;
+                        if e < bound && !skip(q0 + t, r0 + j) {
+                            top.push((e + qq).max(0.0), r0 + j);
+                            bound = top.worst() - qq;
+                        }
+                    }
+                }
+            }
+            tops.into_iter()
+                .enumerate()
+                .map(|(t, top)| {
+                    let q = &queries[(q0 + t) * dim..(q0 + t + 1) * dim];
+                    let mut exact = TopK::new(k);
+                    for (_, i) in top.items {
+                        exact.push(sq_l2(q, &db[i * dim..(i + 1) * dim]), i);
+                    }
+                    finish(exact)
+                })
+                .collect()
+        })
+        .collect();
+    per_block.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute(db: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<usize> {
+        let mut d: Vec<(f32, usize)> = db
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(i, r)| (sq_l2(q, r), i))
+            .collect();
+        d.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+        d.into_iter().take(k).map(|x| x.1).collect()
+    }
+
+    #[test]
+    fn matches_brute_force_sort() {
+        let dim = 13;
+        let n = 500;
+        let mut s = 1u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let db: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+        let qs: Vec<f32> = (0..37 * dim).map(|_| rnd()).collect();
+        let got = search(&db, dim, &qs, 10, &|_, _| false);
+        assert_eq!(got.len(), 37);
+        for (qi, hits) in got.iter().enumerate() {
+            let want = brute(&db, dim, &qs[qi * dim..(qi + 1) * dim], 10);
+            let idx: Vec<usize> = hits.iter().map(|h| h.index).collect();
+            assert_eq!(idx, want);
+            assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+        }
+    }
+
+    #[test]
+    fn scan_and_matrix_product_paths_agree_with_brute_force() {
+        let dim = 64;
+        let n = 3000;
+        let mut s = 7u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let db: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+        for nq in [1, 3, 8, 70] {
+            let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
+            let got = search(&db, dim, &qs, 20, &|_, _| false);
+            for (qi, hits) in got.iter().enumerate() {
+                let q = &qs[qi * dim..(qi + 1) * dim];
+                let want = brute(&db, dim, q, 20);
+                let idx: Vec<usize> = hits.iter().map(|h| h.index).collect();
+                assert_eq!(idx, want, "{nq} queries, query {qi}");
+                for h in hits {
+                    let exact = sq_l2(q, &db[h.index * dim..(h.index + 1) * dim]).sqrt();
+                    assert!(
+                        (h.distance - exact).abs() <= 1e-4 * exact.max(1.0),
+                        "{} vs {exact}",
+                        h.distance
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn skip_and_small_db() {
+        let db = vec![0.0, 0.0, 1.0, 0.0, 3.0, 0.0];
+        let q = vec![0.0, 0.0];
+        let hits = search(&db, 2, &q, 10, &|_, i| i == 0);
+        assert_eq!(hits[0].len(), 2);
+        assert_eq!(hits[0][0].index, 1);
+        assert!((hits[0][0].distance - 1.0).abs() < 1e-6);
+        assert!((hits[0][1].distance - 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ties_prefer_lower_index() {
+        let db = vec![1.0, 1.0, 1.0, 1.0];
+        let hits = search(&db, 1, &[0.0], 2, &|_, _| false);
+        let idx: Vec<usize> = hits[0].iter().map(|h| h.index).collect();
+        assert_eq!(idx, vec![0, 1]);
+    }
+}

@@ -1,0 +1,4 @@
+pub mod ann;
+pub mod ann_simd;
+pub mod exact;
+pub mod npy;
