@@ -353,6 +353,26 @@ mod tests {
     }
 
     #[test]
+    fn a_query_in_the_db_does_not_count_itself() {
+        // 1-d DB: a0 at 0, b0 at 1, a1 at 5. Queries: a0 itself (same path) and a fresh a-image at 0.
+        let db = [0.0f32, 1.0, 5.0];
+        let class = ["a", "b", "a"].map(String::from);
+        let paths = ["a0.jpg", "b0.jpg", "a1.jpg"].map(PathBuf::from);
+        let q = [0.0f32, 0.0];
+        let qclass = ["a", "a"].map(String::from);
+        let qpaths = ["a0.jpg", "elsewhere/a0.jpg"].map(PathBuf::from);
+        let (m, missing) = evaluate_vectors(&db, 1, &class, &paths, &q, &qclass, &qpaths, &[1, 2]);
+        assert_eq!((m.queries, missing), (2, 0));
+        // The DB image: itself left out, so b0 then a1 (P@1 0, P@2 1/2); R = 1 (a1 only), and
+        // a1 is not in the first R = 1 results: AP 0. The other query: a0, b0 (P@1 1, P@2 1/2);
+        // R = 2 (a0, a1): AP = (1/1) / 2.
+        assert!((m.precision_at_k[&1] - 0.5).abs() < 1e-12, "{m:?}");
+        assert!((m.precision_at_k[&2] - 0.5).abs() < 1e-12, "{m:?}");
+        assert!((m.recall_at_k[&1] - 0.5).abs() < 1e-12, "{m:?}");
+        assert!((m.map_at_r - 0.25).abs() < 1e-12, "{m:?}");
+    }
+
+    #[test]
     fn parse_ks_rejects_bad_input() {
         assert_eq!(parse_ks("1, 10,30").unwrap(), vec![1, 10, 30]);
         assert!(parse_ks("0").is_err());

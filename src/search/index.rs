@@ -267,14 +267,47 @@ fn blocked(
 mod tests {
     use super::*;
 
-    fn brute(db: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<usize> {
-        let mut d: Vec<(f32, usize)> = db
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(i, r)| (sq_l2(q, r), i))
-            .collect();
-        d.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
-        d.into_iter().take(k).map(|x| x.1).collect()
+    /// Reference squared distance, independent of `sq_l2`: f64, one plain loop.
+    fn ref_sq(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let mut s = 0f64;
+        for i in 0..a.len() {
+            let d = a[i] as f64 - b[i] as f64;
+            s += d * d;
+        }
+        s
+    }
+
+    /// Reference top-k by a full sort of f64 distances (ties: lower row first).
+    fn brute(db: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<(f64, usize)> {
+        let mut d = Vec::new();
+        for i in 0..db.len() / dim {
+            d.push((ref_sq(q, &db[i * dim..(i + 1) * dim]), i));
+        }
+        d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        d.truncate(k);
+        d
+    }
+
+    /// `hits` are the reference's rows in its order, up to swaps of near-ties (f32 rounding can
+    /// order two rows whose exact distances differ by < 1e-5 relative either way), with distances
+    /// within 1e-5 relative of the exact ones.
+    fn check(db: &[f32], dim: usize, q: &[f32], hits: &[Hit], want: &[(f64, usize)], what: &str) {
+        assert_eq!(hits.len(), want.len(), "{what}");
+        for (r, (h, &(wd, wi))) in hits.iter().zip(want).enumerate() {
+            let exact = ref_sq(q, &db[h.index * dim..(h.index + 1) * dim]);
+            assert!(
+                h.index == wi || (exact - wd).abs() <= 1e-5 * wd.max(1e-3),
+                "{what}: rank {r} is row {} (d² {exact}), reference row {wi} (d² {wd})",
+                h.index
+            );
+            let e = exact.sqrt();
+            assert!(
+                (h.distance as f64 - e).abs() <= 1e-5 * e.max(1e-3),
+                "{what}: rank {r} distance {} vs exact {e}",
+                h.distance
+            );
+        }
     }
 
     #[test]
@@ -291,9 +324,9 @@ mod tests {
         let got = search(&db, dim, &qs, 10, &|_, _| false);
         assert_eq!(got.len(), 37);
         for (qi, hits) in got.iter().enumerate() {
-            let want = brute(&db, dim, &qs[qi * dim..(qi + 1) * dim], 10);
-            let idx: Vec<usize> = hits.iter().map(|h| h.index).collect();
-            assert_eq!(idx, want);
+            let q = &qs[qi * dim..(qi + 1) * dim];
+            let want = brute(&db, dim, q, 10);
+            check(&db, dim, q, hits, &want, &format!("query {qi}"));
             assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
         }
     }
@@ -314,16 +347,14 @@ mod tests {
             for (qi, hits) in got.iter().enumerate() {
                 let q = &qs[qi * dim..(qi + 1) * dim];
                 let want = brute(&db, dim, q, 20);
-                let idx: Vec<usize> = hits.iter().map(|h| h.index).collect();
-                assert_eq!(idx, want, "{nq} queries, query {qi}");
-                for h in hits {
-                    let exact = sq_l2(q, &db[h.index * dim..(h.index + 1) * dim]).sqrt();
-                    assert!(
-                        (h.distance - exact).abs() <= 1e-4 * exact.max(1.0),
-                        "{} vs {exact}",
-                        h.distance
-                    );
-                }
+                check(
+                    &db,
+                    dim,
+                    q,
+                    hits,
+                    &want,
+                    &format!("{nq} queries, query {qi}"),
+                );
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::train::checkpoint::{
     Accum, CHECKPOINT, Parts, TrainState, restore, resume_point, save_checkpoint,
 };
 use crate::train::config::{TrainConfig, build_net};
-use crate::train::optim::{apply_freeze, optimizer};
+use crate::train::optim::{apply_freeze, optimizer, plateau};
 use crate::train::plan::{ClassIndex, Sampling, StepPlan, load_batch, plan_step, readable};
 use crate::train::report::{EpochMetrics, write_metrics};
 use crate::train::step::{Targets, step, step_input};
@@ -347,16 +347,15 @@ fn end_epoch(
     );
     // ReduceLROnPlateau on validation MAP@R (higher is better), else on training loss.
     let score = row.map_at_r.unwrap_or(-row.mean_loss);
-    if state.best.is_none_or(|b| score > b + 1e-4) {
-        state.best = Some(score);
-        state.bad_epochs = 0;
-    } else {
-        state.bad_epochs += 1;
-        if state.bad_epochs > cfg.plateau_patience {
-            state.lr_scale *= cfg.plateau_factor;
-            state.bad_epochs = 0;
-            eprintln!("plateau: learning rate x{}", cfg.plateau_factor);
-        }
+    if plateau(
+        &mut state.best,
+        &mut state.bad_epochs,
+        &mut state.lr_scale,
+        score,
+        cfg.plateau_factor,
+        cfg.plateau_patience,
+    ) {
+        eprintln!("plateau: learning rate x{}", cfg.plateau_factor);
     }
     state.history.push(row);
     state.epoch += 1;

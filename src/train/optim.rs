@@ -78,3 +78,78 @@ pub fn lr_policy(cfg: &TrainConfig, scale: f64) -> Result<ModuleLearningRate> {
         )
         .step())
 }
+
+/// The plateau schedule (PyTorch's ReduceLROnPlateau, mode max, absolute threshold 1e-4), one
+/// call per epoch with its `score`: a score above the best by more than 1e-4 becomes the best and
+/// resets the count of bad epochs; when more than `patience` epochs in a row bring none, the
+/// learning-rate scale is multiplied by `factor` and the count restarts. Returns whether the scale
+/// dropped.
+pub fn plateau(
+    best: &mut Option<f64>,
+    bad_epochs: &mut usize,
+    lr_scale: &mut f64,
+    score: f64,
+    factor: f64,
+    patience: usize,
+) -> bool {
+    if best.is_none_or(|b| score > b + 1e-4) {
+        *best = Some(score);
+        *bad_epochs = 0;
+        return false;
+    }
+    *bad_epochs += 1;
+    if *bad_epochs > patience {
+        *lr_scale *= factor;
+        *bad_epochs = 0;
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plateau;
+
+    /// Runs the schedule over `scores`; returns the learning-rate scale after each epoch.
+    fn scales(scores: &[f64], factor: f64, patience: usize) -> Vec<f64> {
+        let (mut best, mut bad, mut scale) = (None, 0, 1.0);
+        scores
+            .iter()
+            .map(|&s| {
+                plateau(&mut best, &mut bad, &mut scale, s, factor, patience);
+                scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_rate_drops_after_patience_epochs_without_improvement() {
+        // Patience 2: improvements at epochs 1-2, then flat; the third epoch without improvement
+        // drops the rate ×0.1, the count restarts, three more flat epochs drop it again.
+        let s = scales(&[0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], 0.1, 2);
+        let want = [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01];
+        for (e, (g, w)) in s.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() < 1e-12,
+                "epoch {}: scale {g}, want {w}: {s:?}",
+                e + 1
+            );
+        }
+    }
+
+    #[test]
+    fn an_improvement_resets_the_count_and_tiny_gains_do_not_count() {
+        // Patience 1: a bad epoch, then an improvement (count reset), then a bad epoch: no drop.
+        assert_eq!(scales(&[0.5, 0.4, 0.6, 0.6], 0.5, 1), vec![1.0; 4]);
+        // Gains under the 1e-4 threshold are not improvements: the second flat epoch drops ×0.5.
+        assert_eq!(
+            scales(&[0.5, 0.50005, 0.50009], 0.5, 1),
+            vec![1.0, 1.0, 0.5]
+        );
+        // Patience 0: every epoch without improvement drops the rate; losses (negated) work too.
+        assert_eq!(
+            scales(&[-2.0, -1.0, -1.5, -1.2], 0.1, 0),
+            vec![1.0, 1.0, 0.1, 0.1 * 0.1]
+        );
+    }
+}
