@@ -114,7 +114,8 @@ fn triplet_file_round_trip_and_cli() {
         line.starts_with(data.join("train/n01443537/images/").to_str().unwrap()),
         "{line}"
     );
-    common::cli(&args);
+    let (code, _, stderr) = common::cli(&args);
+    assert_eq!(code, 0, "second run: {stderr}");
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         first,

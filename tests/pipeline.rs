@@ -214,6 +214,30 @@ fn db_model_mismatch_and_bad_queries_fail_with_a_message() {
     assert_eq!(v[0]["results"].as_array().unwrap().len(), 3);
     assert_eq!(v[0]["class_id"], "n01443537");
 
+    // Bad --k against a good DB: refused for the k list itself (a good list passes).
+    let eval = |k: &str| {
+        common::cli(&[
+            "eval",
+            "--db",
+            db_dir.to_str().unwrap(),
+            "--queries",
+            common::sample().to_str().unwrap(),
+            "--k",
+            k,
+        ])
+    };
+    for k in ["0,x", "0", "1,x", ""] {
+        let (code, _, err) = eval(k);
+        assert_eq!(code, 1, "--k {k:?}: {err}");
+        assert!(
+            err.contains(&format!("--k {k:?}: expected positive integers")),
+            "--k {k:?}: {err}"
+        );
+    }
+    let (code, out, err) = eval("1,3");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("P@3"), "{out}");
+
     // Unreadable and missing query images.
     let junk = dir.path().join("junk.jpg");
     std::fs::write(&junk, b"nope").unwrap();
@@ -315,20 +339,10 @@ fn bad_flags_and_missing_folders_exit_non_zero_without_panic() {
             "resnet",
         ],
         vec!["eval", "--db", "/no/such/db", "--queries", "data/sample"],
-        vec![
-            "eval",
-            "--db",
-            "/no/such/db",
-            "--queries",
-            "data/sample",
-            "--k",
-            "0,x",
-        ],
         vec!["sample", "--data", "/no/such/dir"],
         vec!["sample", "--data", "data/sample", "--n-pos", "0"],
         vec!["query", "--db", "/no/such/db"],
         vec!["frobnicate"],
-        vec!["--device", "vulkan", "weights", "path"],
         vec!["--device", "tpu", "weights", "path"],
     ];
     for args in cases {
@@ -337,6 +351,18 @@ fn bad_flags_and_missing_folders_exit_non_zero_without_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(!err.trim().is_empty(), "{args:?}: no message");
     }
+}
+
+/// A CPU-only build names the build `--device vulkan` needs (a GPU build runs it: tests/gpu.rs).
+#[cfg(not(feature = "gpu"))]
+#[test]
+fn vulkan_in_a_cpu_build_asks_for_a_gpu_build() {
+    let (code, _, err) = common::cli(&["--device", "vulkan", "weights", "path"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--device vulkan needs a GPU build") && err.contains("--features gpu"),
+        "{err}"
+    );
 }
 
 #[test]
