@@ -71,6 +71,65 @@ fn logits_match_pytorch() {
     }
 }
 
+/// deeprank's CPU engine (what `embed` runs on the CPU: BatchNorm folded, channels-last, its own
+/// kernels) against PyTorch at 224 px, the default recipe's size: the full pooled 1280-d features
+/// of four real images (`pooled224.json`, written by tests/fixtures/make_golden.py from the same
+/// PNG inputs). Bound: max |Δ| ≤ 1e-5 × the largest feature, per image. Both sides are f32 with
+/// different summation orders (im2col + gemm, BatchNorm folded into the weights, vs PyTorch's
+/// convolutions with BatchNorm applied), so rounding alone leaves 1.3e-6–1.8e-6 of the scale
+/// (measured, AVX-512; the bound leaves ~6× for other SIMD paths and thread counts); a wrong
+/// kernel — padding, stride, a BatchNorm ε, a ReLU6 clamp, pooling — moves features by 1e-3 or
+/// more of the scale.
+#[test]
+fn engine_pooled_features_match_pytorch_at_224() {
+    use deeprank::cpu::engine::Engine;
+    let text = std::fs::read_to_string(common::fixtures().join("golden/pooled224.json")).unwrap();
+    let fx: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(fx["size"], 224);
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    let size = 224usize;
+    let per = 3 * size * size;
+    let n = cases.len();
+    let mut buf = vec![0f32; n * per];
+    for (i, c) in cases.iter().enumerate() {
+        let png = common::fixtures()
+            .join("golden")
+            .join(c["input_png"].as_str().unwrap());
+        let img = transform::load_rgb(&png).unwrap();
+        assert_eq!(img.width(), size as u32);
+        transform::normalise_chw(&img, &mut buf[i * per..(i + 1) * per]).unwrap();
+    }
+    let w = common::weights();
+    let dev = deeprank::model::device::device();
+    let engine = Engine::new(&deeprank::model::weights::load_lite0(&w, &dev).unwrap()).unwrap();
+    let got_engine = engine.pooled(&buf, n, size);
+    // And what the embedder runs in this build (the engine on the CPU), unnormalised.
+    let got_embed = Embedder::pretrained(Some(&w), 224, false)
+        .unwrap()
+        .embed_batch(buf, n)
+        .unwrap();
+    for (what, got) in [("engine", &got_engine), ("embedder", &got_embed)] {
+        assert_eq!(got.len(), n * 1280, "{what}");
+        for (i, c) in cases.iter().enumerate() {
+            let want: Vec<f32> = c["pooled"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(want.len(), 1280);
+            let rel = rel_err(&want, &got[i * 1280..(i + 1) * 1280]);
+            eprintln!("{what} {}: max |Δ| / max = {rel:.2e}", c["input_png"]);
+            assert!(
+                rel <= 1e-5,
+                "{what} {} at 224 px: max |Δ| / max |feature| = {rel:.2e}",
+                c["input_png"]
+            );
+        }
+    }
+}
+
 #[test]
 fn decode_and_resize_match_pil() {
     let fx = fixture();
