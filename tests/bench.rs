@@ -1,0 +1,155 @@
+//! `deeprank-bench`, the measurements `bench/*.sh` run: each command on tiny inputs prints its
+//! `RESULT` line with sane figures; bad input is an error, not a panic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Runs `deeprank-bench` with the test weights; returns (exit code, stdout, stderr).
+fn bench(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deeprank-bench"))
+        .args(["--threads", "2"])
+        .args(args)
+        .env("DEEPRANK_WEIGHTS", common::weights())
+        .output()
+        .expect("run deeprank-bench");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The `key=value` figures of the one `RESULT name …` line of `out`.
+fn result(out: &str, name: &str) -> HashMap<String, String> {
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(&format!("RESULT {name} ")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one RESULT {name} line expected: {out}");
+    lines[0]
+        .split_whitespace()
+        .skip(2)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A figure as a finite positive number.
+fn positive(r: &HashMap<String, String>, key: &str) -> f64 {
+    let v: f64 = r
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {r:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {r:?}: {e}"));
+    assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    v
+}
+
+#[test]
+fn search_writes_its_vectors_and_times_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // 3 queries take the scan, 20 the matrix-product path.
+    for q in ["3", "20"] {
+        let (code, out, err) = bench(&[
+            "search",
+            "--dir",
+            d,
+            "--n",
+            "3000",
+            "--dim",
+            "16",
+            "--queries",
+            q,
+            "--k",
+            "5",
+            "--runs",
+            "2",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let r = result(&out, "deeprank_search");
+        assert_eq!(r["n"], "3000");
+        assert_eq!(r["queries"], q);
+        positive(&r, "seconds");
+        // The arrays FAISS reads: numpy .npy files of the stated shapes.
+        let db = deeprank::store::npy::NpyMap::open(Path::new(&r["db"])).unwrap();
+        let qs = deeprank::store::npy::NpyMap::open(Path::new(&r["q"])).unwrap();
+        assert_eq!(db.data().len(), 3000 * 16);
+        assert_eq!(qs.data().len(), q.parse::<usize>().unwrap() * 16);
+        assert!(db.data().iter().all(|v| (-1.0..1.0).contains(v)));
+    }
+}
+
+#[test]
+fn decode_times_every_val_image() {
+    let data = common::sample();
+    let (code, out, err) = bench(&[
+        "decode",
+        "--data",
+        data.to_str().unwrap(),
+        "--size",
+        "64",
+        "--runs",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r = result(&out, "deeprank_decode");
+    assert_eq!(r["images"], "60");
+    assert_eq!(r["size"], "64");
+    let s = positive(&r, "seconds");
+    let ips = positive(&r, "img_per_s");
+    assert!((ips - 60.0 / s).abs() <= 0.01 * ips + 1.0, "{r:?}");
+    // A folder that is not there: an error naming it.
+    let (code, _, err) = bench(&["decode", "--data", "/no/such/data"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/no/such/data") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn train_times_steps_of_the_seed_recipe() {
+    let data = common::sample();
+    let (code, out, err) = bench(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--size",
+        "64",
+        "--triplets",
+        "2",
+        "--dim",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r = result(&out, "deeprank_train");
+    assert_eq!(r["triplets"], "2");
+    let s = positive(&r, "seconds_per_step");
+    let ips = positive(&r, "img_per_s");
+    assert!((ips - 6.0 / s).abs() <= 0.01 * ips + 0.1, "{r:?}");
+    // The ranking loss of a random head on real triplets: finite, non-negative.
+    let loss: f64 = r["loss"].parse().unwrap();
+    assert!(loss.is_finite() && loss >= 0.0, "{r:?}");
+    // More triplets than the val split has images for: refused with a message.
+    let (code, _, err) = bench(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--size",
+        "64",
+        "--triplets",
+        "100",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("needs 300 decodable images") && !err.contains("panicked"),
+        "{err}"
+    );
+}
