@@ -12,7 +12,7 @@ use crate::train::config::TrainConfig;
 use crate::train::memory::{check_cache, gib};
 use crate::train::plan::{Slot, load_batch};
 use crate::train::validate::Validation;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use std::path::Path;
 use std::time::Instant;
@@ -109,7 +109,8 @@ impl FeatureCache {
         Ok(cache)
     }
 
-    /// Saves the cache (atomically) for reuse by later runs with the same inputs.
+    /// Saves the cache (atomically) for reuse by later runs with the same inputs: header length,
+    /// JSON header, the values (f32 LE), and a [`Checksum`] of header and values.
     pub fn save(&self, path: &Path) -> Result<()> {
         use std::io::Write;
         let header = serde_json::json!({
@@ -125,24 +126,31 @@ impl FeatureCache {
         let mut f = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp)?);
         f.write_all(&(header.len() as u64).to_le_bytes())?;
         f.write_all(header.as_bytes())?;
+        let mut sum = Checksum::of_header(header.as_bytes());
         for v in [&self.trunk, &self.small4, &self.small8] {
             for x in v.iter() {
+                sum.add(x.to_bits());
                 f.write_all(&x.to_le_bytes())?;
             }
         }
+        f.write_all(&sum.0.to_le_bytes())?;
         f.flush()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
 
-    /// Loads a cache written by [`FeatureCache::save`].
+    /// Loads a cache written by [`FeatureCache::save`]; a file that is not one, or whose checksum
+    /// does not match (truncated, altered), is an error naming it.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)?;
-        let bad = || anyhow::anyhow!("{} is not a feature cache", path.display());
-        if bytes.len() < 8 {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bad = || anyhow::anyhow!("{} is not a feature cache (or is damaged)", path.display());
+        if bytes.len() < 16 {
             return Err(bad());
         }
+        let (bytes, stored) = bytes.split_at(bytes.len() - 8);
+        let stored = u64::from_le_bytes(stored.try_into().map_err(|_| bad())?);
         let hl = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad())?) as usize;
         let h: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + hl).ok_or_else(bad)?)?;
         let get = |k: &str| h.get(k).cloned().ok_or_else(bad);
@@ -155,13 +163,34 @@ impl FeatureCache {
         if floats.len() != 4 * lens.iter().sum::<usize>() {
             return Err(bad());
         }
-        let mut all = floats
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut sum = Checksum::of_header(&bytes[8..8 + hl]);
+        let mut all = floats.chunks_exact(4).map(|c| {
+            let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            sum.add(x.to_bits());
+            x
+        });
         let mut take = |n: usize| all.by_ref().take(n).collect::<Vec<f32>>();
         let trunk = take(lens[0]);
         let small4 = take(lens[1]);
         let small8 = take(lens[2]);
+        drop(all);
+        if sum.0 != stored {
+            bail!(
+                "{} is damaged (its checksum does not match)",
+                path.display()
+            );
+        }
+        let rows = row.iter().filter(|&&r| r >= 0).count();
+        let entries = rows * views;
+        let per = shape.iter().product::<usize>();
+        let small = 3 * small_sizes.iter().map(|s| s * s).sum::<usize>();
+        if views == 0
+            || lens[0] != entries * per
+            || lens[1] + lens[2] != if lens[1] == 0 { 0 } else { entries * small }
+            || row.iter().any(|&r| r >= rows as i64)
+        {
+            return Err(bad());
+        }
         Ok(Self {
             views,
             shape,
@@ -213,6 +242,27 @@ impl FeatureCache {
             small4,
             small8,
         }
+    }
+}
+
+/// A 64-bit checksum of a cache file's header bytes and values. Each step is a bijection of the
+/// state for a given input, so any single changed byte or value changes the result.
+struct Checksum(u64);
+
+impl Checksum {
+    fn of_header(header: &[u8]) -> Self {
+        let mut c = Checksum(0xcbf2_9ce4_8422_2325);
+        for &b in header {
+            c.add(u32::from(b));
+        }
+        c
+    }
+
+    #[inline]
+    fn add(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
     }
 }
 
@@ -282,15 +332,22 @@ pub fn prepare(
     let vfile = weights::home()
         .join("cache")
         .join(format!("features-{key}-val.bin"));
-    let loaded = FeatureCache::load(&file)
-        .ok()
-        .and_then(|c| match val.as_deref_mut() {
-            Some(v) => FeatureCache::load(&vfile).ok().map(|vc| {
-                v.cache = Some(vc);
-                c
-            }),
-            None => Some(c),
-        });
+    // A damaged cache file is said so and computed again.
+    let reuse = |p: &Path| {
+        if !p.is_file() {
+            return None;
+        }
+        FeatureCache::load(p)
+            .map_err(|e| eprintln!("warning: {e:#}: computing the features again"))
+            .ok()
+    };
+    let loaded = reuse(&file).and_then(|c| match val.as_deref_mut() {
+        Some(v) => reuse(&vfile).map(|vc| {
+            v.cache = Some(vc);
+            c
+        }),
+        None => Some(c),
+    });
     let c = match loaded {
         Some(c) => {
             eprintln!("reusing cached features from {}", file.display());
@@ -352,4 +409,75 @@ fn build_all(
         )?);
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FeatureCache;
+
+    fn cache(small: bool) -> FeatureCache {
+        let (views, shape, items) = (2, [3, 2, 2], 3);
+        let n = items * views;
+        let val = |i: usize| (i as f32 * 0.37).sin();
+        let small_sizes = if small { [2, 1] } else { [0, 0] };
+        let k = |s: usize| if small { n * 3 * s * s } else { 0 };
+        FeatureCache {
+            views,
+            shape,
+            trunk: (0..n * 12).map(val).collect(),
+            small4: (0..k(2)).map(val).collect(),
+            small8: (0..k(1)).map(val).collect(),
+            small_sizes,
+            // Items 0, 2 and 3 of a 4-item dataset, item 1 not cached.
+            row: vec![0, usize::MAX, 1, 2],
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip_and_damaged_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for small in [false, true] {
+            let c = cache(small);
+            let p = dir.path().join(format!("c-{small}.bin"));
+            c.save(&p).unwrap();
+            let back = FeatureCache::load(&p).unwrap();
+            assert_eq!(back.views, c.views);
+            assert_eq!(back.shape, c.shape);
+            assert_eq!(back.small_sizes, c.small_sizes);
+            assert_eq!(back.row, c.row);
+            assert_eq!(back.trunk, c.trunk);
+            assert_eq!((&back.small4, &back.small8), (&c.small4, &c.small8));
+            let good = std::fs::read(&p).unwrap();
+            let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+            // Truncated, one value's bit flipped, one header digit changed, the checksum changed,
+            // an old file without checksum: each refused, naming the file.
+            let mut cases: Vec<(&str, Vec<u8>)> = vec![
+                ("truncated", good[..good.len() - 5].to_vec()),
+                ("old format", good[..good.len() - 8].to_vec()),
+                ("empty", Vec::new()),
+            ];
+            for (what, at) in [
+                ("value", header_end + 4 * 7 + 1),
+                ("checksum", good.len() - 3),
+            ] {
+                let mut b = good.clone();
+                b[at] ^= 0x10;
+                cases.push((what, b));
+            }
+            let digit = good[8..header_end].iter().position(|&b| b == b'2').unwrap() + 8;
+            let mut b = good.clone();
+            b[digit] = b'1';
+            cases.push(("header", b));
+            for (what, bytes) in cases {
+                std::fs::write(&p, bytes).unwrap();
+                let e = FeatureCache::load(&p)
+                    .err()
+                    .unwrap_or_else(|| panic!("{what}: loaded"));
+                assert!(
+                    e.to_string().contains(&p.display().to_string()),
+                    "{what}: {e}"
+                );
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub mod validate;
 use crate::data::dataset::{Dataset, Split};
 use crate::data::sampler::{self, Triplet};
 use crate::model::device::device;
-use crate::model::net::EmbedNet;
+use crate::model::net::{EmbedNet, POOLED_LEVEL};
 use crate::model::run::{CONFIG, save_model};
 use crate::progress::progress;
 use crate::train::cache::FeatureCache;
@@ -28,7 +28,7 @@ use crate::train::config::{TrainConfig, build_net};
 use crate::train::optim::{apply_freeze, optimizer, plateau};
 use crate::train::plan::{ClassIndex, Sampling, StepPlan, load_batch, plan_step, readable};
 use crate::train::report::{EpochMetrics, write_metrics};
-use crate::train::step::{Targets, step, step_input};
+use crate::train::step::{Targets, fast_backbone, step, step_input};
 use crate::train::validate::{Validation, validate_epoch};
 use anyhow::{Context, Result, bail};
 use burn::optim::ModuleOptimizer;
@@ -131,6 +131,16 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let (mut model, mut optim, mut state) = start(&cfg, model, resumed)?;
     state.skipped_images = skipped.clone();
     model = apply_freeze(model, &cfg)?;
+    if cfg.level() < POOLED_LEVEL {
+        eprintln!(
+            "trainable backbone: {}",
+            if fast_backbone() {
+                "deeprank's CPU pass"
+            } else {
+                "burn's autodiff"
+            }
+        );
+    }
     let steps_per_epoch = cfg.steps_per_epoch.unwrap_or_else(|| match cfg.sampling {
         Sampling::File => data.file.len().div_ceil(cfg.batch),
         _ => data.idx.images().div_ceil(cfg.batch),
