@@ -5,7 +5,7 @@
 //! Layouts, detected from what the folder holds:
 //! - Tiny ImageNet root: `wnids.txt` + `train/<wnid>/images/*` (+ `val/`), class names from `words.txt`.
 //! - Tiny ImageNet val folder: `val_annotations.txt` + `images/`.
-//! - Class folders: `root/<class>/**/*.{jpg,jpeg,png}` (any depth below the class folder, e.g.
+//! - Class folders: `root/<class>/**/*.{jpg,jpeg,png,webp,gif,bmp,tif,tiff}` (any depth below the class folder, e.g.
 //!   `root/<class>/images/*`); a root holding `train/` and `val/` class-folder trees is opened on
 //!   the split asked for.
 //! - A label file: `path<TAB>class` rows (see [`crate::data::collection::Labels`]).
@@ -66,9 +66,10 @@ pub struct Dataset {
 }
 
 /// The image extensions we decode (matched in any case): the one list every part of the crate uses.
-pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
-/// True when the path has an image extension we decode (jpg, jpeg, png; any case).
+/// True when the path has an image extension we decode (jpg, jpeg, png, webp, gif, bmp, tif,
+/// tiff; any case). The decoder itself goes by the content, not by this name.
 pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())

@@ -1,10 +1,12 @@
-//! Image decoding and the model's input transform: decode (guarded against decompression bombs),
-//! convert to RGB, bilinear resize to `size`×`size`, normalise `(x/255 − 0.498)/0.502`, CHW f32.
+//! Image decoding and the model's input transform: decode (JPEG, PNG, WebP, GIF, BMP, TIFF; guarded
+//! against decompression bombs and truncation), turn upright by the EXIF orientation, convert to
+//! RGB, bilinear resize to `size`×`size`, normalise `(x/255 − 0.498)/0.502`, CHW f32.
 
 use anyhow::{Result, anyhow, bail};
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{ImageReader, Limits, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -17,6 +19,9 @@ pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
 /// Files larger than this are refused before reading.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// What deeprank decodes, for messages.
+pub const FORMATS: &str = "JPEG, PNG, WebP, GIF (first frame), BMP or TIFF";
+
 /// Why an image could not be used; the message says what is wrong with the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -26,24 +31,29 @@ pub enum ImageError {
     Empty,
     #[error("file is {0} bytes, over the {MAX_FILE_BYTES}-byte limit")]
     FileTooLarge(u64),
-    #[error("not a JPEG or PNG image")]
-    UnknownFormat,
+    /// The content is not an image format deeprank decodes (or a variant of one it cannot decode).
+    #[error("unsupported format: {0}; convert it to {FORMATS}")]
+    Unsupported(String),
     #[error("image is {w}x{h} = {} pixels, over the limit of {max} pixels", (*w as u64) * (*h as u64))]
     TooManyPixels { w: u32, h: u32, max: u64 },
     #[error("corrupt or truncated image: {0}")]
     Decode(String),
 }
 
-/// Decodes image bytes to RGB8, refusing bombs by the header's declared size.
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
-    if bytes.is_empty() {
-        return Err(ImageError::Empty);
+fn decode_error(e: image::ImageError) -> ImageError {
+    match e {
+        image::ImageError::Unsupported(u) => ImageError::Unsupported(u.to_string()),
+        image::ImageError::Limits(l) => ImageError::Decode(format!("over the memory limit: {l}")),
+        other => ImageError::Decode(other.to_string()),
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(ImageError::Io)?;
-    match reader.format() {
-        Some(image::ImageFormat::Jpeg) => {
+}
+
+/// The image formats deeprank decodes, recognised by their content (never by the file name).
+fn supported(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
+    let format = image::guess_format(bytes)
+        .map_err(|_| ImageError::Unsupported("not an image format deeprank recognises".into()))?;
+    match format {
+        ImageFormat::Jpeg => {
             // The JPEG decoder fills a cut-off scan with grey instead of failing: require the
             // end-of-image marker after the last start-of-scan.
             let last_sos = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
@@ -53,15 +63,34 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
                     "truncated JPEG (no end-of-image marker)".into(),
                 ));
             }
+            Ok(format)
         }
-        Some(image::ImageFormat::Png) => {}
-        _ => return Err(ImageError::UnknownFormat),
+        ImageFormat::Png
+        | ImageFormat::WebP
+        | ImageFormat::Gif
+        | ImageFormat::Bmp
+        | ImageFormat::Tiff => Ok(format),
+        other => {
+            let name = format!("{other:?}").to_uppercase();
+            Err(ImageError::Unsupported(format!("{name} image")))
+        }
     }
-    let (w, h) = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(ImageError::Io)?
-        .into_dimensions()
-        .map_err(|e| ImageError::Decode(e.to_string()))?;
+}
+
+/// Decodes image bytes (JPEG, PNG, WebP, GIF's first frame, BMP, TIFF) to RGB8, upright by the
+/// EXIF orientation as browsers show it, refusing bombs by the header's declared size.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = supported(bytes)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 26));
+    reader.limits(limits);
+    // Reading the header only: the size is checked before any pixel buffer exists.
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    let (w, h) = decoder.dimensions();
     if (w as u64) * (h as u64) > max_pixels || w == 0 || h == 0 {
         return Err(ImageError::TooManyPixels {
             w,
@@ -69,13 +98,11 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError>
             max: max_pixels,
         });
     }
-    let mut reader = reader;
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 26));
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    // A damaged EXIF block is ignored, as browsers do; the pixels still decide.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let img = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    let mut img = DynamicImage::ImageRgb8(img.into_rgb8());
+    img.apply_orientation(orientation);
     Ok(img.into_rgb8())
 }
 

@@ -16,9 +16,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// Image formats by extension that are recognised but not decoded (said so when left out).
-const UNSUPPORTED_IMAGE_EXTENSIONS: [&str; 24] = [
+const UNSUPPORTED_IMAGE_EXTENSIONS: [&str; 19] = [
     "heic", "heif", "avif", "jxl", "svg", "psd", "ico", "raw", "dng", "cr2", "cr3", "nef", "arw",
-    "orf", "rw2", "raf", "webp", "gif", "bmp", "tif", "tiff", "jp2", "pnm", "tga",
+    "orf", "rw2", "raf", "jp2", "pnm", "tga",
 ];
 
 /// What a walk found.
@@ -51,7 +51,7 @@ pub fn reason_not_image(path: &Path) -> String {
     }
 }
 
-/// The supported extensions as `.jpg, .jpeg, .png`.
+/// The supported extensions as `.jpg, .jpeg, .png, ...`.
 pub fn supported_list() -> String {
     IMAGE_EXTENSIONS
         .iter()

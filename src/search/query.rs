@@ -51,6 +51,7 @@ pub struct ResultRow {
     pub rank: usize,
     pub id: usize,
     pub distance: f32,
+    #[serde(serialize_with = "crate::store::db::serialize_path")]
     pub path: PathBuf,
     pub class_id: String,
     pub class_name: String,
@@ -60,6 +61,7 @@ pub struct ResultRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct QueryResult {
+    #[serde(serialize_with = "crate::store::db::serialize_path")]
     pub image: PathBuf,
     /// The query's class, when it can be told from its location (class folder or Tiny ImageNet val).
     pub class_id: Option<String>,
@@ -188,11 +190,7 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
     }
     let (vecs, skipped) = emb.embed_files(images)?;
     if let Some(s) = skipped.first() {
-        bail!(
-            "cannot use query image {}: {} (pass a JPEG or PNG image)",
-            s.path.display(),
-            s.reason
-        );
+        bail!("cannot use query image {}: {}", s.path.display(), s.reason);
     }
     let flat: Vec<f32> = vecs.into_iter().flatten().flatten().collect();
     let known: HashSet<&str> = db.entries.iter().filter_map(|e| e.class()).collect();

@@ -24,10 +24,7 @@ impl Drop for Admission {
 
 pub(super) fn image_error(e: ImageError) -> Response {
     match e {
-        ImageError::UnknownFormat => err(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "not a JPEG or PNG image",
-        ),
+        ImageError::Unsupported(_) => err(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()),
         ImageError::TooManyPixels { .. } => err(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         ImageError::FileTooLarge(_) => err(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         other => err(StatusCode::BAD_REQUEST, other.to_string()),

@@ -157,6 +157,10 @@ async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> 
         .map(|x| x.to_ascii_lowercase())
     {
         Some(x) if x == "png" => "image/png",
+        Some(x) if x == "webp" => "image/webp",
+        Some(x) if x == "gif" => "image/gif",
+        Some(x) if x == "bmp" => "image/bmp",
+        Some(x) if x == "tif" || x == "tiff" => "image/tiff",
         _ => "image/jpeg",
     };
     match tokio::fs::read(&path).await {
@@ -268,7 +272,7 @@ async fn search_upload(
             &s,
             err(
                 StatusCode::BAD_REQUEST,
-                "empty upload: send a JPEG or PNG image",
+                format!("empty upload: send a {} image", transform::FORMATS),
             ),
         );
     }

@@ -1,7 +1,8 @@
 //! The embedding database: a folder with `vectors.npy` (f32, `[n, dim]`, readable by numpy),
-//! `manifest.tsv` (path, class id, class name per row) and `meta.json` (model identity, input size,
-//! dimension). Written by streaming into a temporary folder that replaces the target at the end;
-//! read through a memory map so the vectors are never loaded twice.
+//! `manifest.tsv` (path, class id, class name per row; paths escaped losslessly by [`escape_path`])
+//! and `meta.json` (model identity, input size, dimension). Written by streaming into a temporary
+//! folder that replaces the target at the end; read through a memory map so the vectors are never
+//! loaded twice.
 
 use crate::store::npy::{NpyMap, NpyWriter};
 use anyhow::{Context, Result, bail};
@@ -59,6 +60,80 @@ pub struct DbWriter {
 
 fn clean_field(s: &str) -> String {
     s.replace(['\t', '\n', '\r'], " ")
+}
+
+/// Writes a path as one manifest field, losslessly: `\` becomes `\\`, tab, newline and carriage
+/// return become `\t`, `\n`, `\r`, and each byte of a file name that is not UTF-8 becomes `\xHH`.
+/// Plain UTF-8 paths without those characters are written as they are. [`unescape_path`] reverses it.
+pub fn escape_path(path: &Path) -> String {
+    #[cfg(unix)]
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    #[cfg(not(unix))]
+    let lossy = path.to_string_lossy();
+    #[cfg(not(unix))]
+    let bytes = lossy.as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Serialises a path as text: as it is when it is UTF-8, else in the manifest's escaped form
+/// (JSON cannot hold the raw bytes).
+pub fn serialize_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    match path.to_str() {
+        Some(t) => s.serialize_str(t),
+        None => s.serialize_str(&escape_path(path)),
+    }
+}
+
+/// Reads a manifest path field written by [`escape_path`]. A backslash that starts no escape is
+/// kept as it is (manifests written before escaping hold such paths verbatim).
+pub fn unescape_path(field: &str) -> PathBuf {
+    let s = field.as_bytes();
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' {
+            let hex = |j: usize| s.get(j).and_then(|&c| (c as char).to_digit(16));
+            let (byte, len) = match s.get(i + 1) {
+                Some(b'\\') => (b'\\', 2),
+                Some(b't') => (b'\t', 2),
+                Some(b'n') => (b'\n', 2),
+                Some(b'r') => (b'\r', 2),
+                Some(b'x') => match (hex(i + 2), hex(i + 3)) {
+                    (Some(h), Some(l)) => ((h * 16 + l) as u8, 4),
+                    _ => (b'\\', 1),
+                },
+                _ => (b'\\', 1),
+            };
+            out.push(byte);
+            i += len;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    #[cfg(unix)]
+    {
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+    }
+    #[cfg(not(unix))]
+    {
+        PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+    }
 }
 
 impl DbWriter {
@@ -121,7 +196,7 @@ impl DbWriter {
         writeln!(
             self.manifest,
             "{}\t{}\t{}",
-            clean_field(&entry.path.to_string_lossy()),
+            escape_path(&entry.path),
             clean_field(&entry.class_id),
             clean_field(&entry.class_name)
         )?;
@@ -204,7 +279,7 @@ impl Db {
                 bail!("{} line {} is damaged", dir.join(MANIFEST).display(), i + 1);
             };
             entries.push(Entry {
-                path: PathBuf::from(path),
+                path: unescape_path(path),
                 class_id: id.to_string(),
                 class_name: name.to_string(),
             });
