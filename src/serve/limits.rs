@@ -31,8 +31,9 @@ pub(super) fn image_error(e: ImageError) -> Response {
     }
 }
 
-/// Reads the upload: a multipart form's first file field (any name), or the raw body.
-pub(super) async fn upload_bytes(req: Request, limit: usize) -> Result<Bytes, Response> {
+/// Reads the upload: a multipart form's first file field (any name), or the raw body. Errors are
+/// ready JSON answers (400 for a damaged form, 413 over `limit`). Public for the hostile-input test.
+pub async fn upload_bytes(req: Request, limit: usize) -> Result<Bytes, Response> {
     let too_big = || {
         err(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -17,6 +17,8 @@ use std::sync::mpsc::sync_channel;
 use std::time::Duration;
 use worker::{Counters, Job, worker};
 
+pub use limits::upload_bytes;
+
 pub(super) const INDEX: &str = include_str!("index.html");
 
 /// Server settings.

@@ -264,13 +264,23 @@ impl Db {
                 dir.display()
             );
         }
-        let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join(META))?)
-            .with_context(|| format!("{} is damaged", dir.join(META).display()))?;
+        let meta_path = dir.join(META);
+        let meta: Meta = std::fs::read_to_string(&meta_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| Ok(serde_json::from_str(&text)?))
+            .with_context(|| format!("{} is damaged: re-run embed", meta_path.display()))?;
         let f = File::open(dir.join(MANIFEST))
             .with_context(|| format!("cannot open {}", dir.join(MANIFEST).display()))?;
-        let mut entries = Vec::with_capacity(meta.count);
+        // `count` is only a hint (a damaged meta.json must not reserve memory).
+        let mut entries = Vec::with_capacity(meta.count.min(1 << 16));
         for (i, line) in BufReader::new(f).lines().enumerate() {
-            let line = line?;
+            let line = line.with_context(|| {
+                format!(
+                    "{} line {} is damaged (not UTF-8 text): re-run embed",
+                    dir.join(MANIFEST).display(),
+                    i + 1
+                )
+            })?;
             if i == 0 {
                 continue;
             }

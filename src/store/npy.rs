@@ -113,9 +113,22 @@ impl NpyMap {
         let [rows, dim] = dims[..] else {
             bail!("{}: expected a 2-d array", bad())
         };
-        if map.len() != offset + rows * dim * 4 {
+        if dim == 0 {
+            bail!("{}: vectors of dimension 0", bad());
+        }
+        // A damaged shape may be any number: compute the data length without overflowing.
+        let data_len = rows
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(4))
+            .and_then(|n| n.checked_add(offset));
+        if data_len != Some(map.len()) {
+            let what = if data_len.is_some_and(|n| n < map.len()) {
+                "too long"
+            } else {
+                "truncated"
+            };
             bail!(
-                "{} is truncated: header says {rows}x{dim} but the file has {} bytes",
+                "{} is {what}: header says {rows}x{dim} but the file has {} bytes; re-run embed",
                 path.display(),
                 map.len()
             );
@@ -141,5 +154,29 @@ impl NpyMap {
 
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data()[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header whose shape overflows `rows * dim * 4` to exactly the file's data length (0 here)
+    /// must be refused, not mapped as 2^62 floats.
+    #[test]
+    fn npy_shape_overflow_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.npy");
+        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 1), }";
+        let mut h = b"\x93NUMPY\x01\x00".to_vec();
+        h.extend_from_slice(&((NPY_HEADER - 10) as u16).to_le_bytes());
+        h.extend_from_slice(dict.as_bytes());
+        h.resize(NPY_HEADER - 1, b' ');
+        h.push(b'\n');
+        std::fs::write(&p, &h).unwrap();
+        let e = NpyMap::open(&p)
+            .err()
+            .expect("an overflowing shape was accepted");
+        assert!(e.to_string().contains("truncated"), "{e}");
     }
 }

@@ -169,11 +169,13 @@ pub fn read(path: &Path) -> Result<Parts> {
         if bytes.len() < at + 8 {
             bail!(bad());
         }
-        let n = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as usize;
+        let n = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         at += 8;
-        if bytes.len() < at + n {
-            bail!(bad());
-        }
+        // A damaged length may be any 64-bit number: compare without overflowing.
+        let n = match usize::try_from(n) {
+            Ok(n) if n <= bytes.len() - at => n,
+            _ => bail!(bad()),
+        };
         let v = bytes[at..at + n].to_vec();
         at += n;
         Ok(v)
