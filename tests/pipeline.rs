@@ -383,8 +383,10 @@ fn demo_runs_end_to_end() {
     assert!(stdout.contains("report:"), "{stdout}");
     assert!(out.join("report.md").is_file());
     for i in 1..=4 {
-        let g = image::open(out.join(format!("query-{i}.png"))).unwrap();
-        assert!(g.width() > 600 && g.height() > 150);
+        for model in ["pretrained", "trained"] {
+            let g = image::open(out.join(format!("query-{i}-{model}.png"))).unwrap();
+            assert!(g.width() > 600 && g.height() > 150);
+        }
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("MAP@R"));
