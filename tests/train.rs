@@ -993,8 +993,14 @@ fn feature_cache_is_reused_rekeyed_and_rebuilt_when_damaged() {
         (err, loss)
     };
     let files = || -> Vec<std::path::PathBuf> {
-        let mut f: Vec<_> = std::fs::read_dir(home.join("cache"))
-            .unwrap()
+        let dir = home.join("cache");
+        let mut f: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no feature cache in $DEEPRANK_HOME ({}): {e}",
+                    dir.display()
+                )
+            })
             .map(|e| e.unwrap().path())
             .collect();
         f.sort();
