@@ -7,7 +7,7 @@
 //! The rest of the step stays in burn: the backbone's pooled features enter burn's graph as a leaf
 //! tensor, burn runs the head and the ranking loss and hands back the leaf's gradient, and this module
 //! turns it into the backbone parameters' gradients ([`Backward`]), which the trainer's glue
-//! (`crate::train::glue`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
+//! (the training glue, `train/glue.rs`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
 use crate::cpu::depthwise::{DwArgs, DwBack, depthwise, dw_back_one};
