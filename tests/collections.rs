@@ -187,6 +187,14 @@ fn an_unlabelled_db_embeds_queries_and_refuses_eval_and_train() {
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["path"].as_str().unwrap(), s(&want[1]));
     assert!(rows.iter().all(|r| r["same_class"].is_null()));
+    // Ranking an unlabelled DB (as serve's "more like this" does with a DB row) marks nothing,
+    // whatever the query's class.
+    let opened = deeprank::store::db::Db::open(&db).unwrap();
+    let row = opened.vectors.row(0).to_vec();
+    for qc in [None, Some(String::new()), Some("beach".to_string())] {
+        let ranked = deeprank::search::query::rank(&opened, &row, &[qc], 3);
+        assert!(ranked[0].iter().all(|r| r.same_class.is_none()));
+    }
     // Eval against it, and train on the folder, say they need labels.
     let (code, _, err) =
         common::cli(&["eval", "--db", &s(&db), "--queries", &s(&common::sample())]);
