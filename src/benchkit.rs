@@ -204,3 +204,41 @@ pub fn plant_duplicates(
     std::fs::write(out.join("truth.tsv"), tsv)?;
     Ok(truth)
 }
+
+/// Writes a format-2 DB of `rows` random unit vectors at `out` whose meta names the model
+/// `model` (`pretrained` or a run folder) so `deeprank add` can embed into it. Paths are
+/// `/deeprank-bench/img-N.jpg` (no files: unknown stamps).
+pub fn make_db(out: &Path, rows: usize, model: &str, seed: u64) -> Result<usize> {
+    use crate::infer::embedder::{Embedder, ModelSpec};
+    use crate::store::db::{DbWriter, Entry, Meta};
+    let emb = Embedder::from_spec(&ModelSpec::parse(model)?, None, None, true)?;
+    let mut w = DbWriter::create(out, emb.dim, None)?;
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let mut row = vec![0f32; emb.dim];
+    for i in 0..rows {
+        for v in row.iter_mut() {
+            *v = r.random_range(-1.0..1.0);
+        }
+        crate::infer::embedder::l2_normalize(&mut row);
+        w.push(
+            &Entry {
+                path: PathBuf::from(format!("/deeprank-bench/img-{i}.jpg")),
+                class_id: String::new(),
+                class_name: String::new(),
+            },
+            &row,
+        )?;
+    }
+    w.finish(Meta {
+        model: emb.identity.clone(),
+        model_source: emb.source.clone(),
+        size: emb.size,
+        dim: emb.dim,
+        count: rows,
+        normalized: emb.normalize,
+        data: "random".into(),
+        deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
+        format: 2,
+    })?;
+    Ok(emb.dim)
+}

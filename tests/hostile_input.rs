@@ -562,7 +562,7 @@ fn mutated_weights_get_clear_errors() {
 
 // ---- the DB ----
 
-fn db_seed(dir: &Path) -> [Vec<u8>; 3] {
+fn db_seed(dir: &Path) -> [Vec<u8>; 5] {
     use deeprank::store::db::{DbWriter, Entry, Meta};
     let db = dir.join("seed-db");
     let mut w = DbWriter::create(&db, 8, None).unwrap();
@@ -584,10 +584,20 @@ fn db_seed(dir: &Path) -> [Vec<u8>; 3] {
         normalized: true,
         data: "data".into(),
         deeprank_version: "test".into(),
+        format: 2,
     })
     .unwrap();
-    ["vectors.npy", "manifest.tsv", "meta.json"].map(|f| std::fs::read(db.join(f)).unwrap())
+    DB_FILES.map(|f| std::fs::read(db.join(f)).unwrap())
 }
+
+/// The files of a DB (format 2: the commit record and the tombstones too).
+const DB_FILES: [&str; 5] = [
+    "vectors.npy",
+    "manifest.tsv",
+    "meta.json",
+    "state.json",
+    "removed.tsv",
+];
 
 #[test]
 fn mutated_db_files_get_clear_errors() {
@@ -595,20 +605,14 @@ fn mutated_db_files_get_clear_errors() {
     let seed = db_seed(dir.path());
     let db = dir.path().join("db");
     std::fs::create_dir_all(&db).unwrap();
-    for (k, file) in ["vectors.npy", "manifest.tsv", "meta.json"]
-        .iter()
-        .enumerate()
-    {
+    for (k, file) in DB_FILES.iter().enumerate() {
         fuzz(
             file,
             &[seed[k].clone()],
             300 * scale(),
             64 << 20,
             |b| {
-                for (j, f) in ["vectors.npy", "manifest.tsv", "meta.json"]
-                    .iter()
-                    .enumerate()
-                {
+                for (j, f) in DB_FILES.iter().enumerate() {
                     std::fs::write(db.join(f), if j == k { b } else { &seed[j] }).unwrap();
                 }
                 let d = deeprank::store::db::Db::open(&db).map_err(|e| format!("{e:#}"))?;
@@ -724,7 +728,7 @@ fn mutated_multipart_bodies_get_clear_errors() {
                 .unwrap();
             let got = rt.block_on(deeprank::serve::upload_bytes(req, 1 << 20));
             match got {
-                Ok(file) => {
+                Ok((file, _name)) => {
                     // What came out goes to the decoder as the handler sends it.
                     let _ = deeprank::data::transform::decode_rgb(&file, 4 << 20);
                     Ok(())

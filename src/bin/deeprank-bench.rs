@@ -58,6 +58,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Writes a DB of random unit vectors whose meta names MODEL (for timing `deeprank add` into a
+    /// big DB: `bench/collection.sh`).
+    MakeDb {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// `pretrained` (1280-d) or a run folder (its dimension, e.g. 128).
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Times decode + resize + normalise of a dataset's images (bench/decode.sh compares it with PIL).
     Decode {
         #[arg(long)]
@@ -130,6 +143,20 @@ fn run(cli: Cli) -> Result<()> {
                 "RESULT deeprank_search n={n} dim={dim} queries={queries} k={k} seconds={s:.5} db={} q={}",
                 dbp.display(),
                 qp.display()
+            );
+        }
+        Cmd::MakeDb {
+            out,
+            rows,
+            model,
+            seed,
+        } => {
+            let t0 = std::time::Instant::now();
+            let dim = benchkit::make_db(&out, rows, &model, seed)?;
+            println!(
+                "RESULT deeprank_make_db rows={rows} dim={dim} seconds={:.1} db={}",
+                t0.elapsed().as_secs_f64(),
+                out.display()
             );
         }
         Cmd::Decode { data, size, runs } => {

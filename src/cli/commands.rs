@@ -235,6 +235,9 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         max_batch,
         batch_wait_ms,
         weights,
+        writable,
+        api_key,
+        reload_ms,
     } = a;
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
         bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
@@ -250,6 +253,9 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         max_batch,
         batch_wait: std::time::Duration::from_millis(batch_wait_ms),
         threads: threads.unwrap_or(defaults.threads),
+        writable,
+        api_key: api_key.or_else(|| std::env::var("DEEPRANK_API_KEY").ok()),
+        reload_every: std::time::Duration::from_millis(reload_ms),
         ..defaults
     };
     deeprank::serve::serve(db, emb, opts)?;

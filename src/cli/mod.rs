@@ -1,6 +1,7 @@
 //! The `deeprank` command line: the clap types, their conversion into the library's configs, and
 //! what each command prints. The library itself knows nothing of clap.
 
+mod changes;
 mod commands;
 mod duplicates;
 pub mod globals;
@@ -41,6 +42,16 @@ pub enum Cmd {
     Query(QueryArgs),
     /// Precision@k, recall@k and MAP@R of a query set against a DB.
     Eval(EvalArgs),
+    /// Adds image files and folders to a DB (embedded with the DB's model; the same bytes are stored once).
+    Add(changes::AddArgs),
+    /// Removes rows from a DB by id, file path or folder.
+    Remove(changes::RemoveArgs),
+    /// Makes a DB match a folder tree: adds new files, removes vanished ones, re-embeds changed ones.
+    Sync(changes::SyncArgs),
+    /// Rewrites a DB without its removed rows (ids are kept).
+    Compact(changes::DbArgs),
+    /// Checks a DB's consistency and reports what an interrupted change left.
+    Check(changes::DbArgs),
     /// Serves visual search over HTTP: a web page at / and a JSON API.
     Serve(ServeArgs),
     /// Fine-tunes the triplet network with the ranking loss (the seed's main.py).
@@ -217,6 +228,15 @@ pub struct ServeArgs {
     batch_wait_ms: u64,
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Accept images into the collection (POST /api/images, stored in DB/uploads/); needs --api-key.
+    #[arg(long)]
+    writable: bool,
+    /// The key uploads must send as `Authorization: Bearer KEY` (default: $DEEPRANK_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Milliseconds between checks of the DB's commit record for changes (0: only POST /api/reload).
+    #[arg(long, default_value_t = 1000)]
+    reload_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -270,6 +290,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Embed(a) => commands::embed(a),
         Cmd::Query(a) => commands::query(a),
         Cmd::Eval(a) => commands::eval(a),
+        Cmd::Add(a) => changes::add(a),
+        Cmd::Remove(a) => changes::remove(a),
+        Cmd::Sync(a) => changes::sync(a),
+        Cmd::Compact(a) => changes::compact(a),
+        Cmd::Check(a) => changes::check(a),
         Cmd::Serve(a) => commands::serve(a, cli.globals.threads),
         Cmd::Train(a) => train::run(&a),
         Cmd::Classify(a) => commands::classify(a),

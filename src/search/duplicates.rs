@@ -165,7 +165,8 @@ pub fn group(n: usize, pairs: &[Pair]) -> Vec<Vec<usize>> {
 /// One image of a group and its distance to the group's first image.
 #[derive(Clone, Debug, Serialize)]
 pub struct Member {
-    pub id: usize,
+    /// The row's stable id.
+    pub id: u64,
     pub path: PathBuf,
     pub distance: f32,
 }
@@ -191,23 +192,25 @@ pub struct Duplicates {
 
 /// The near-duplicate groups of a DB at `threshold` (pairs within it, joined transitively; each
 /// member's distance is to its group's first image, so it can exceed the threshold in a chain).
+/// Removed rows take no part.
 pub fn find(db: &Db, threshold: f32) -> Result<Duplicates> {
     let dim = db.meta.dim;
     let data = db.vectors.data();
     let max_pairs = (50 * db.len()).max(1_000_000);
-    let pairs = pairs_within(data, dim, threshold, max_pairs)?;
+    let mut pairs = pairs_within(data, dim, threshold, max_pairs)?;
+    pairs.retain(|p| !db.is_removed(p.a) && !db.is_removed(p.b));
     let row = |i: usize| &data[i * dim..(i + 1) * dim];
-    let groups: Vec<Group> = group(db.len(), &pairs)
+    let groups: Vec<Group> = group(db.rows(), &pairs)
         .into_iter()
         .enumerate()
-        .map(|(k, ids)| Group {
+        .map(|(k, rows)| Group {
             group: k + 1,
-            members: ids
+            members: rows
                 .iter()
-                .map(|&id| Member {
-                    id,
-                    path: db.entries[id].path.clone(),
-                    distance: sq_l2(row(ids[0]), row(id)).sqrt(),
+                .map(|&r| Member {
+                    id: db.ids[r],
+                    path: db.entries[r].path.clone(),
+                    distance: sq_l2(row(rows[0]), row(r)).sqrt(),
                 })
                 .collect(),
         })

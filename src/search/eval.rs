@@ -105,11 +105,12 @@ pub fn parse_ks(s: &str) -> Result<Vec<usize>> {
 
 /// Scores query vectors (with class ids and paths) against database vectors. Queries whose class
 /// is not in the database are left out (their number is returned); a query that is itself in the
-/// database (same path) does not count itself.
+/// database (same path) does not count itself. Rows `removed` says are left out of everything.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_vectors(
     db_vecs: &[f32],
     dim: usize,
+    removed: &(dyn Fn(usize) -> bool + Sync),
     db_class: &[String],
     db_paths: &[PathBuf],
     qvecs: &[f32],
@@ -126,19 +127,22 @@ pub fn evaluate_vectors(
         })
         .collect();
     let mut counts = vec![0usize; ids.len()];
-    for &l in &db_labels {
-        counts[l] += 1;
+    for (i, &l) in db_labels.iter().enumerate() {
+        if !removed(i) {
+            counts[l] += 1;
+        }
     }
     let path_index: HashMap<&Path, usize> = db_paths
         .iter()
         .enumerate()
+        .filter(|&(i, _)| !removed(i))
         .map(|(i, p)| (p.as_path(), i))
         .collect();
     let mut keep = Vec::new();
     let mut labels = Vec::new();
     let mut selfs = Vec::new();
     for (q, c) in qclass.iter().enumerate() {
-        if let Some(&l) = ids.get(c.as_str()) {
+        if let Some(&l) = ids.get(c.as_str()).filter(|&&l| counts[l] > 0) {
             keep.push(q);
             labels.push(l);
             selfs.push(path_index.get(qpaths[q].as_path()).copied());
@@ -156,12 +160,20 @@ pub fn evaluate_vectors(
         .chain(r.iter().copied())
         .max()
         .unwrap_or(1)
-        .min(db_labels.len());
+        .min(
+            db_labels
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| !removed(i))
+                .count(),
+        );
     let mut qv = Vec::with_capacity(keep.len() * dim);
     for &q in &keep {
         qv.extend_from_slice(&qvecs[q * dim..(q + 1) * dim]);
     }
-    let hits = search(db_vecs, dim, &qv, kmax, &|q, i| selfs[q] == Some(i));
+    let hits = search(db_vecs, dim, &qv, kmax, &|q, i| {
+        selfs[q] == Some(i) || removed(i)
+    });
     let m = metrics_from_hits(&hits, |q, i| db_labels[i] == labels[q], &r, ks);
     (m, missing)
 }
@@ -216,6 +228,7 @@ pub fn evaluate(
     let (metrics, missing) = evaluate_vectors(
         db.vectors.data(),
         db.meta.dim,
+        &|i| db.is_removed(i),
         &db_class,
         &db_paths,
         &qs.vectors,
@@ -361,7 +374,17 @@ mod tests {
         let q = [0.0f32, 0.0];
         let qclass = ["a", "a"].map(String::from);
         let qpaths = ["a0.jpg", "elsewhere/a0.jpg"].map(PathBuf::from);
-        let (m, missing) = evaluate_vectors(&db, 1, &class, &paths, &q, &qclass, &qpaths, &[1, 2]);
+        let (m, missing) = evaluate_vectors(
+            &db,
+            1,
+            &|_| false,
+            &class,
+            &paths,
+            &q,
+            &qclass,
+            &qpaths,
+            &[1, 2],
+        );
         assert_eq!((m.queries, missing), (2, 0));
         // The DB image: itself left out, so b0 then a1 (P@1 0, P@2 1/2); R = 1 (a1 only), and
         // a1 is not in the first R = 1 results: AP 0. The other query: a0, b0 (P@1 1, P@2 1/2);
@@ -370,6 +393,20 @@ mod tests {
         assert!((m.precision_at_k[&2] - 0.5).abs() < 1e-12, "{m:?}");
         assert!((m.recall_at_k[&1] - 0.5).abs() < 1e-12, "{m:?}");
         assert!((m.map_at_r - 0.25).abs() < 1e-12, "{m:?}");
+    }
+
+    #[test]
+    fn removed_rows_are_left_out() {
+        // a0 at 0 is removed: a query at 0 of class a finds b0 first, then a1; R = 1 (a1).
+        let db = [0.0f32, 1.0, 5.0];
+        let class = ["a", "b", "a"].map(String::from);
+        let paths = ["a0.jpg", "b0.jpg", "a1.jpg"].map(PathBuf::from);
+        let (q, qc, qp) = ([0.0f32], ["a".to_string()], [PathBuf::from("q.jpg")]);
+        let (m, _) = evaluate_vectors(&db, 1, &|i| i == 0, &class, &paths, &q, &qc, &qp, &[1, 2]);
+        assert_eq!(m.precision_at_k[&1], 0.0, "{m:?}");
+        assert!((m.precision_at_k[&2] - 0.5).abs() < 1e-12, "{m:?}");
+        let (m, _) = evaluate_vectors(&db, 1, &|_| false, &class, &paths, &q, &qc, &qp, &[1]);
+        assert_eq!(m.precision_at_k[&1], 1.0, "{m:?}");
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub fn embedder_for_db(db: &Db, model: Option<&str>, weights: Option<&Path>) -> 
 #[derive(Debug, Clone, Serialize)]
 pub struct ResultRow {
     pub rank: usize,
-    pub id: usize,
+    /// The row's stable id (kept across adds, removes and compactions).
+    pub id: u64,
     pub distance: f32,
     #[serde(serialize_with = "crate::store::db::serialize_path")]
     pub path: PathBuf,
@@ -136,7 +137,7 @@ pub fn guess_class(path: &Path, known: &HashSet<&str>) -> Option<String> {
     None
 }
 
-/// Ranks the DB for each query vector.
+/// Ranks the DB's live rows for each query vector.
 pub fn rank(
     db: &Db,
     qvecs: &[f32],
@@ -148,7 +149,7 @@ pub fn rank(
         db.meta.dim,
         qvecs,
         top.min(db.len()),
-        &|_, _| false,
+        &|_, i| db.is_removed(i),
     );
     hits.into_iter()
         .zip(qclasses)
@@ -159,7 +160,7 @@ pub fn rank(
                     let e = &db.entries[h.index];
                     ResultRow {
                         rank: r + 1,
-                        id: h.index,
+                        id: db.ids[h.index],
                         distance: h.distance,
                         path: e.path.clone(),
                         class_id: e.class_id.clone(),
@@ -193,7 +194,10 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
         bail!("cannot use query image {}: {}", s.path.display(), s.reason);
     }
     let flat: Vec<f32> = vecs.into_iter().flatten().flatten().collect();
-    let known: HashSet<&str> = db.entries.iter().filter_map(|e| e.class()).collect();
+    let known: HashSet<&str> = db
+        .live_rows()
+        .filter_map(|r| db.entries[r].class())
+        .collect();
     let classes: Vec<Option<String>> = images.iter().map(|p| guess_class(p, &known)).collect();
     let ranked = rank(db, &flat, &classes, top);
     Ok(images

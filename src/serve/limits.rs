@@ -31,9 +31,10 @@ pub(super) fn image_error(e: ImageError) -> Response {
     }
 }
 
-/// Reads the upload: a multipart form's first file field (any name), or the raw body. Errors are
-/// ready JSON answers (400 for a damaged form, 413 over `limit`). Public for the hostile-input test.
-pub async fn upload_bytes(req: Request, limit: usize) -> Result<Bytes, Response> {
+/// Reads the upload: a multipart form's first file field (any name), or the raw body; with the
+/// form's file name when it has one. Errors are ready JSON answers (400 for a damaged form, 413
+/// over `limit`). Public for the hostile-input test.
+pub async fn upload_bytes(req: Request, limit: usize) -> Result<(Bytes, Option<String>), Response> {
     let too_big = || {
         err(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -65,9 +66,10 @@ pub async fn upload_bytes(req: Request, limit: usize) -> Result<Bytes, Response>
                     if !is_file && f.name() != Some("image") {
                         continue;
                     }
+                    let name = f.file_name().map(str::to_string);
                     return match f.bytes().await {
                         Ok(b) if b.len() > limit => Err(too_big()),
-                        Ok(b) => Ok(b),
+                        Ok(b) => Ok((b, name)),
                         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_big()),
                         Err(e) => Err(err(
                             StatusCode::BAD_REQUEST,
@@ -90,6 +92,7 @@ pub async fn upload_bytes(req: Request, limit: usize) -> Result<Bytes, Response>
     } else {
         axum::body::to_bytes(req.into_body(), limit)
             .await
+            .map(|b| (b, None))
             .map_err(|_| too_big())
     }
 }

@@ -1,15 +1,19 @@
 //! `deeprank serve`: the visual search engine over HTTP. A single page at `/`, a JSON API, and
 //! micro-batching: uploads that arrive together are embedded in one batch by one worker; a bounded
-//! queue answers 503 with `Retry-After` when full instead of growing memory.
+//! queue answers 503 with `Retry-After` when full instead of growing memory. The DB is followed
+//! as it changes (`live`), and with `--writable` images can be added over HTTP (`upload`).
 
 mod limits;
+mod live;
 mod routes;
+mod upload;
 mod worker;
 
 use crate::infer::embedder::Embedder;
 use crate::search::query;
 use crate::store::db::Db;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use live::LiveDb;
 use routes::AppState;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -39,6 +43,12 @@ pub struct ServeOptions {
     pub max_top: usize,
     /// Worker threads of the async runtime (`--threads`).
     pub threads: usize,
+    /// Accept `POST /api/images` (needs `api_key`).
+    pub writable: bool,
+    /// The key `Authorization: Bearer KEY` must carry to change the collection.
+    pub api_key: Option<String>,
+    /// How often the DB's commit record is polled for changes (zero: never; `POST /api/reload`).
+    pub reload_every: Duration,
 }
 
 impl ServeOptions {
@@ -59,6 +69,9 @@ impl Default for ServeOptions {
             batch_wait: Duration::from_millis(3),
             max_top: 100,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            writable: false,
+            api_key: None,
+            reload_every: Duration::from_secs(1),
         }
     }
 }
@@ -66,27 +79,31 @@ impl Default for ServeOptions {
 /// Starts the server and runs until Ctrl-C. Prints `listening on http://ADDR` once bound.
 pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
     query::check_compatible(&db, &emb)?;
-    let db = Arc::new(db);
+    if opts.writable && opts.api_key.as_deref().is_none_or(str::is_empty) {
+        bail!("--writable needs --api-key KEY (or DEEPRANK_API_KEY): uploads must be authorised");
+    }
+    let live = Arc::new(LiveDb::new(db, &emb));
+    if !opts.reload_every.is_zero() {
+        live.clone().poll(opts.reload_every)?;
+    }
     let counters = Arc::new(Counters::default());
     // Admission keeps at most queue + max_batch uploads in flight, so the channel never fills;
     // its capacity matches.
     let (tx, rx) = sync_channel::<Job>(opts.admission_limit().max(1));
-    let classes = db.class_count();
     let state = Arc::new(AppState {
         inflight: Arc::new(AtomicUsize::new(0)),
-        db: db.clone(),
+        live: live.clone(),
         jobs: tx,
         size: emb.size,
         model: emb.identity.clone(),
         opts: opts.clone(),
         counters: counters.clone(),
-        classes,
     });
     {
-        let (db, opts, counters) = (db.clone(), opts.clone(), counters.clone());
+        let (live, opts, counters) = (live.clone(), opts.clone(), counters.clone());
         std::thread::Builder::new()
             .name("embed-worker".into())
-            .spawn(move || worker(emb, db, rx, opts, counters))
+            .spawn(move || worker(emb, live, rx, opts, counters))
             .context("cannot start the embedding worker")?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

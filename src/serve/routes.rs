@@ -6,14 +6,15 @@
 use crate::data::transform::{self, ImageError};
 use crate::search::query::{self, ResultRow};
 use crate::serve::limits::{Admission, image_error, upload_bytes};
-use crate::serve::worker::{Counters, Job};
+use crate::serve::live::LiveDb;
+use crate::serve::upload;
+use crate::serve::worker::{Counters, Job, Ranked, Reply};
 use crate::serve::{INDEX, ServeOptions};
-use crate::store::db::Db;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -25,19 +26,18 @@ use tokio::sync::oneshot;
 pub(super) struct AppState {
     /// Uploads admitted and not yet answered (waiting, decoding or being embedded).
     pub(super) inflight: Arc<AtomicUsize>,
-    pub(super) db: Arc<Db>,
+    pub(super) live: Arc<LiveDb>,
     pub(super) jobs: SyncSender<Job>,
     pub(super) size: u32,
     pub(super) model: String,
     pub(super) opts: ServeOptions,
     pub(super) counters: Arc<Counters>,
-    pub(super) classes: usize,
 }
 
 #[derive(Serialize)]
 struct Hit {
     rank: usize,
-    id: usize,
+    id: u64,
     class_id: String,
     class_name: String,
     distance: f32,
@@ -47,7 +47,7 @@ struct Hit {
 
 #[derive(Serialize)]
 struct QueryInfo {
-    id: Option<usize>,
+    id: Option<u64>,
     class_id: Option<String>,
     class_name: Option<String>,
     image_url: Option<String>,
@@ -56,6 +56,8 @@ struct QueryInfo {
 #[derive(Serialize)]
 struct SearchResponse {
     query_ms: f64,
+    /// The DB commit the results come from.
+    generation: u64,
     query: QueryInfo,
     results: Vec<Hit>,
 }
@@ -125,14 +127,17 @@ async fn healthz() -> &'static str {
 
 async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let c = &s.counters;
+    let v = s.live.get();
     Json(serde_json::json!({
-        "count": s.db.len(),
-        "dim": s.db.meta.dim,
+        "count": v.db.len(),
+        "generation": v.db.state.generation,
+        "writable": s.opts.writable,
+        "dim": v.db.meta.dim,
         "model": s.model,
         "size": s.size,
-        "normalized": s.db.meta.normalized,
-        "classes": s.classes,
-        "labelled": s.classes > 0,
+        "normalized": v.db.meta.normalized,
+        "classes": v.classes,
+        "labelled": v.classes > 0,
         "requests": c.requests.load(Ordering::Relaxed),
         "rejected_busy": c.busy.load(Ordering::Relaxed),
         "client_errors": c.client_errors.load(Ordering::Relaxed),
@@ -147,10 +152,11 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
-    let Some(e) = id.parse::<usize>().ok().and_then(|i| s.db.entries.get(i)) else {
+    let v = s.live.get();
+    let Some(row) = id.parse::<u64>().ok().and_then(|i| v.db.row_of(i)) else {
         return err(StatusCode::NOT_FOUND, format!("no image with id {id}"));
     };
-    let path = e.path.clone();
+    let path = v.db.entries[row].path.clone();
     let ct = match path
         .extension()
         .and_then(|x| x.to_str())
@@ -199,19 +205,35 @@ async fn search_by_id(
             err(StatusCode::BAD_REQUEST, "give ?id=K, or POST an image"),
         );
     };
-    let Some(id) = id_text.parse::<usize>().ok().filter(|&i| i < s.db.len()) else {
+    let view = s.live.get();
+    let db = &view.db;
+    let row = if id_text == "random" {
+        // The page's "random" button: any live row.
+        let n = db.len();
+        let pick = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as usize)
+            .unwrap_or(0))
+            % n.max(1);
+        db.live_rows().nth(pick)
+    } else {
+        id_text.parse::<u64>().ok().and_then(|i| db.row_of(i))
+    };
+    let Some(row) = row else {
         return client_error(
             &s,
             err(StatusCode::NOT_FOUND, format!("no image with id {id_text}")),
         );
     };
+    let id = db.ids[row];
     let t0 = Instant::now();
-    let st = s.clone();
+    let v = view.clone();
     let rows = tokio::task::spawn_blocking(move || {
-        let e = &st.db.entries[id];
-        let v = st.db.vectors.row(id).to_vec();
+        let db = &v.db;
+        let e = &db.entries[row];
+        let q = db.vectors.row(row).to_vec();
         let class = e.class().map(str::to_string);
-        let mut rows = query::rank(&st.db, &v, &[class], top + 1)
+        let mut rows = query::rank(db, &q, &[class], top + 1)
             .pop()
             .unwrap_or_default();
         rows.retain(|r| r.id != id);
@@ -222,9 +244,10 @@ async fn search_by_id(
     let Ok(rows) = rows else {
         return err(StatusCode::INTERNAL_SERVER_ERROR, "search failed");
     };
-    let e = &s.db.entries[id];
+    let e = &db.entries[row];
     Json(SearchResponse {
         query_ms: t0.elapsed().as_secs_f64() * 1e3,
+        generation: db.state.generation,
         query: QueryInfo {
             id: Some(id),
             class_id: e.class().map(|_| e.class_id.clone()),
@@ -236,7 +259,7 @@ async fn search_by_id(
     .into_response()
 }
 
-fn client_error(s: &AppState, r: Response) -> Response {
+pub(super) fn client_error(s: &AppState, r: Response) -> Response {
     s.counters.client_errors.fetch_add(1, Ordering::Relaxed);
     r
 }
@@ -263,52 +286,25 @@ async fn search_upload(
         return busy(&s);
     }
     let _admitted = Admission(s.inflight.clone());
-    let bytes = match upload_bytes(req, s.opts.max_upload).await {
+    let (bytes, _) = match upload_bytes(req, s.opts.max_upload).await {
         Ok(b) => b,
         Err(r) => return client_error(&s, r),
     };
-    if bytes.is_empty() {
-        return client_error(
-            &s,
-            err(
-                StatusCode::BAD_REQUEST,
-                format!("empty upload: send a {} image", transform::FORMATS),
-            ),
-        );
-    }
-    let (size, max_pixels) = (s.size, s.opts.max_pixels);
-    let input = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ImageError> {
-        let img = transform::decode_rgb(&bytes, max_pixels)?;
-        let img =
-            transform::resize_rgb(&img, size).map_err(|e| ImageError::Decode(e.to_string()))?;
-        let mut v = vec![0f32; 3 * (size as usize).pow(2)];
-        transform::normalise_chw(&img, &mut v).map_err(|e| ImageError::Decode(e.to_string()))?;
-        Ok(v)
-    })
-    .await;
-    let input = match input {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return client_error(&s, image_error(e)),
-        Err(_) => return err(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed"),
+    let input = match s.prepare(bytes).await {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let (tx, rx) = oneshot::channel();
-    match s.jobs.try_send(Job {
+    if let Err(r) = s.submit(Job {
         input,
-        top,
-        reply: tx,
+        reply: Reply::Search { top, tx },
     }) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => return busy(&s),
-        Err(TrySendError::Disconnected(_)) => {
-            return err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the embedding worker stopped",
-            );
-        }
+        return r;
     }
     match rx.await {
-        Ok(Ok(rows)) => Json(SearchResponse {
+        Ok(Ok(Ranked { generation, rows })) => Json(SearchResponse {
             query_ms: t0.elapsed().as_secs_f64() * 1e3,
+            generation,
             query: QueryInfo {
                 id: None,
                 class_id: None,
@@ -323,6 +319,49 @@ async fn search_upload(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the embedding worker stopped",
         ),
+    }
+}
+
+impl AppState {
+    /// Decodes an upload into the network's input (client errors counted and worded).
+    pub(super) async fn prepare(&self, bytes: axum::body::Bytes) -> Result<Vec<f32>, Response> {
+        if bytes.is_empty() {
+            return Err(client_error(
+                self,
+                err(
+                    StatusCode::BAD_REQUEST,
+                    format!("empty upload: send a {} image", transform::FORMATS),
+                ),
+            ));
+        }
+        let (size, max_pixels) = (self.size, self.opts.max_pixels);
+        let input = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ImageError> {
+            let img = transform::decode_rgb(&bytes, max_pixels)?;
+            let img =
+                transform::resize_rgb(&img, size).map_err(|e| ImageError::Decode(e.to_string()))?;
+            let mut v = vec![0f32; 3 * (size as usize).pow(2)];
+            transform::normalise_chw(&img, &mut v)
+                .map_err(|e| ImageError::Decode(e.to_string()))?;
+            Ok(v)
+        })
+        .await;
+        match input {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(client_error(self, image_error(e))),
+            Err(_) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed")),
+        }
+    }
+
+    /// Hands a job to the embedding worker (503 when its queue is full).
+    pub(super) fn submit(&self, job: Job) -> Result<(), Response> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(busy(self)),
+            Err(TrySendError::Disconnected(_)) => Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the embedding worker stopped",
+            )),
+        }
     }
 }
 
@@ -358,6 +397,8 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
         .route("/api/stats", get(stats))
         .route("/api/images/{id}", get(image))
         .route("/api/search", get(search_by_id).post(search_upload))
+        .route("/api/images", post(upload::upload))
+        .route("/api/reload", post(upload::reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -3,17 +3,44 @@
 use crate::infer::embedder::Embedder;
 use crate::search::query::{self, ResultRow};
 use crate::serve::ServeOptions;
-use crate::store::db::Db;
+use crate::serve::live::LiveDb;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
+/// Results ranked against one generation of the DB.
+pub(super) struct Ranked {
+    pub(super) generation: u64,
+    pub(super) rows: Vec<ResultRow>,
+}
+
+/// What a job wants back: the top rows, or the vector itself (an upload to store).
+pub(super) enum Reply {
+    Search {
+        top: usize,
+        tx: oneshot::Sender<Result<Ranked, String>>,
+    },
+    Vector(oneshot::Sender<Result<Vec<f32>, String>>),
+}
+
 pub(super) struct Job {
     pub(super) input: Vec<f32>,
-    pub(super) top: usize,
-    pub(super) reply: oneshot::Sender<Result<Vec<ResultRow>, String>>,
+    pub(super) reply: Reply,
+}
+
+impl Reply {
+    fn fail(self, e: String) {
+        match self {
+            Reply::Search { tx, .. } => {
+                let _ = tx.send(Err(e));
+            }
+            Reply::Vector(tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -29,7 +56,7 @@ pub(super) struct Counters {
 /// The embedding worker: takes a job, waits briefly for more, embeds them as one batch, ranks.
 pub(super) fn worker(
     emb: Embedder,
-    db: Arc<Db>,
+    live: Arc<LiveDb>,
     rx: Receiver<Job>,
     opts: ServeOptions,
     counters: Arc<Counters>,
@@ -55,16 +82,28 @@ pub(super) fn worker(
         }
         match emb.embed_batch(buf, n) {
             Ok(vecs) => {
+                // The whole batch ranks against one generation.
+                let view = live.get();
                 for (j, v) in jobs.into_iter().zip(vecs.chunks_exact(emb.dim)) {
-                    let rows = query::rank(&db, v, &[None], j.top)
-                        .pop()
-                        .unwrap_or_default();
-                    let _ = j.reply.send(Ok(rows));
+                    match j.reply {
+                        Reply::Search { top, tx } => {
+                            let rows = query::rank(&view.db, v, &[None], top)
+                                .pop()
+                                .unwrap_or_default();
+                            let _ = tx.send(Ok(Ranked {
+                                generation: view.db.state.generation,
+                                rows,
+                            }));
+                        }
+                        Reply::Vector(tx) => {
+                            let _ = tx.send(Ok(v.to_vec()));
+                        }
+                    }
                 }
             }
             Err(e) => {
                 for j in jobs {
-                    let _ = j.reply.send(Err(format!("embedding failed: {e:#}")));
+                    j.reply.fail(format!("embedding failed: {e:#}"));
                 }
             }
         }

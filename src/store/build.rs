@@ -97,6 +97,7 @@ fn embed_entries(
         normalized: emb.normalize,
         data: root.display().to_string(),
         deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
+        format: 2,
     };
     let db = writer.finish(meta)?;
     Ok(EmbedReport {

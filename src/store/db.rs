@@ -1,19 +1,24 @@
 //! The embedding database: a folder with `vectors.npy` (f32, `[n, dim]`, readable by numpy),
-//! `manifest.tsv` (path, class id, class name per row; paths escaped losslessly by [`escape_path`])
-//! and `meta.json` (model identity, input size, dimension). Written by streaming into a temporary
-//! folder that replaces the target at the end; read through a memory map so the vectors are never
-//! loaded twice.
+//! `manifest.tsv` (id, path, class, file stamp per row; paths escaped losslessly by [`escape_path`]), `removed.tsv` (removed ids), `meta.json`
+//! (model identity, input size, dimension) and `state.json` (the commit record: what of the
+//! append-only files is committed). `embed` streams a new DB into a temporary folder that replaces
+//! the target at the end; `store::commit` changes one in place. Read through a memory map so the
+//! vectors are never loaded twice. The format is in `docs/DB-FORMAT.md`.
 
+use crate::store::manifest::{self, Stamp};
+pub use crate::store::manifest::{escape_path, serialize_path, unescape_path};
 use crate::store::npy::{NpyMap, NpyWriter};
+use crate::store::state::{self, State};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const VECTORS: &str = "vectors.npy";
 pub const MANIFEST: &str = "manifest.tsv";
 pub const META: &str = "meta.json";
+pub const REMOVED: &str = "removed.tsv";
 
 /// What produced the vectors: a query must use the same.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -25,12 +30,20 @@ pub struct Meta {
     /// Input side in pixels.
     pub size: u32,
     pub dim: usize,
+    /// Live rows when opened (in `meta.json`: the rows `embed` wrote; `state.json` has the count).
     pub count: usize,
     /// Whether the vectors are L2-normalised.
     pub normalized: bool,
     /// The dataset the vectors came from.
     pub data: String,
     pub deeprank_version: String,
+    /// 2 for a DB with `state.json`; absent (1) before.
+    #[serde(default = "format_1")]
+    pub format: u32,
+}
+
+fn format_1() -> u32 {
+    1
 }
 
 /// One row of the manifest. An image without a label has empty class fields.
@@ -48,92 +61,16 @@ impl Entry {
     }
 }
 
-/// Writes a DB folder: vectors streamed to a temporary sibling folder, moved in place on finish.
+/// Writes a new DB folder (format 2): vectors streamed to a temporary sibling folder, moved in
+/// place on finish. Each row's file is hashed and stamped as it is written.
 pub struct DbWriter {
     target: PathBuf,
     tmp: PathBuf,
     vectors: Option<NpyWriter>,
     manifest: BufWriter<File>,
+    manifest_bytes: u64,
     text: Option<BufWriter<File>>,
     text_path: Option<PathBuf>,
-}
-
-fn clean_field(s: &str) -> String {
-    s.replace(['\t', '\n', '\r'], " ")
-}
-
-/// Writes a path as one manifest field, losslessly: `\` becomes `\\`, tab, newline and carriage
-/// return become `\t`, `\n`, `\r`, and each byte of a file name that is not UTF-8 becomes `\xHH`.
-/// Plain UTF-8 paths without those characters are written as they are. [`unescape_path`] reverses it.
-pub fn escape_path(path: &Path) -> String {
-    #[cfg(unix)]
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    #[cfg(not(unix))]
-    let lossy = path.to_string_lossy();
-    #[cfg(not(unix))]
-    let bytes = lossy.as_bytes();
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\t' => out.push_str("\\t"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                c => out.push(c),
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Serialises a path as text: as it is when it is UTF-8, else in the manifest's escaped form
-/// (JSON cannot hold the raw bytes).
-pub fn serialize_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
-    match path.to_str() {
-        Some(t) => s.serialize_str(t),
-        None => s.serialize_str(&escape_path(path)),
-    }
-}
-
-/// Reads a manifest path field written by [`escape_path`]. A backslash that starts no escape is
-/// kept as it is (manifests written before escaping hold such paths verbatim).
-pub fn unescape_path(field: &str) -> PathBuf {
-    let s = field.as_bytes();
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'\\' {
-            let hex = |j: usize| s.get(j).and_then(|&c| (c as char).to_digit(16));
-            let (byte, len) = match s.get(i + 1) {
-                Some(b'\\') => (b'\\', 2),
-                Some(b't') => (b'\t', 2),
-                Some(b'n') => (b'\n', 2),
-                Some(b'r') => (b'\r', 2),
-                Some(b'x') => match (hex(i + 2), hex(i + 3)) {
-                    (Some(h), Some(l)) => ((h * 16 + l) as u8, 4),
-                    _ => (b'\\', 1),
-                },
-                _ => (b'\\', 1),
-            };
-            out.push(byte);
-            i += len;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    #[cfg(unix)]
-    {
-        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
-    }
-    #[cfg(not(unix))]
-    {
-        PathBuf::from(String::from_utf8_lossy(&out).into_owned())
-    }
 }
 
 impl DbWriter {
@@ -181,25 +118,26 @@ impl DbWriter {
             tmp,
             vectors: Some(vectors),
             manifest,
+            manifest_bytes: 0,
             text,
             text_path,
         };
-        writeln!(w.manifest, "path\tclass_id\tclass_name")?;
+        let header = format!("{}\n", manifest::HEADER_V2);
+        w.manifest.write_all(header.as_bytes())?;
+        w.manifest_bytes = header.len() as u64;
         Ok(w)
     }
 
     pub fn push(&mut self, entry: &Entry, vector: &[f32]) -> Result<()> {
-        self.vectors
-            .as_mut()
-            .context("DB already finished")?
-            .push(vector)?;
-        writeln!(
-            self.manifest,
-            "{}\t{}\t{}",
-            escape_path(&entry.path),
-            clean_field(&entry.class_id),
-            clean_field(&entry.class_name)
-        )?;
+        let vectors = self.vectors.as_mut().context("DB already finished")?;
+        let id = vectors.rows() as u64;
+        vectors.push(vector)?;
+        // A file that cannot be read again is stamped unknown (sync then re-reads it).
+        let stamp = Stamp::of_file(&entry.path).unwrap_or_default();
+        let mut line = Vec::new();
+        manifest::write_v2(&mut line, id, entry, &stamp)?;
+        self.manifest.write_all(&line)?;
+        self.manifest_bytes += line.len() as u64;
         if let Some(t) = &mut self.text {
             write!(t, "{}", entry.path.display())?;
             for v in vector {
@@ -210,7 +148,7 @@ impl DbWriter {
         Ok(())
     }
 
-    /// Writes the metadata and moves the DB into place.
+    /// Writes the metadata and the first commit record, and moves the DB into place.
     pub fn finish(mut self, mut meta: Meta) -> Result<PathBuf> {
         let count = self
             .vectors
@@ -218,8 +156,26 @@ impl DbWriter {
             .context("DB already finished")?
             .finish()?;
         meta.count = count;
+        meta.format = 2;
         self.manifest.flush()?;
+        self.manifest.get_ref().sync_all()?;
+        File::create(self.tmp.join(REMOVED))?.sync_all()?;
         std::fs::write(self.tmp.join(META), serde_json::to_string_pretty(&meta)?)?;
+        File::open(self.tmp.join(META))?.sync_all()?;
+        state::commit(
+            &self.tmp,
+            &State {
+                format: 2,
+                generation: 1,
+                rows: count as u64,
+                live: count as u64,
+                manifest_bytes: self.manifest_bytes,
+                removed_bytes: 0,
+                next_id: count as u64,
+                index: None,
+                pending: vec![],
+            },
+        )?;
         if let (Some(mut t), Some(p)) = (self.text.take(), self.text_path.take()) {
             t.flush()?;
             drop(t);
@@ -247,15 +203,26 @@ impl Drop for DbWriter {
     }
 }
 
-/// An opened DB.
+/// An opened DB: the committed rows as of one generation. Removed rows are still rows (until a
+/// compaction) but are never returned: search through [`Db::is_removed`], count with [`Db::len`].
 pub struct Db {
     pub dir: PathBuf,
     pub meta: Meta,
+    /// Per row: the manifest entry, its stable id (strictly increasing) and its file's stamp.
     pub entries: Vec<Entry>,
+    pub ids: Vec<u64>,
+    pub stamps: Vec<Stamp>,
     pub vectors: NpyMap,
+    removed: Vec<bool>,
+    /// The commit this view is of (generation 0 for a DB written before format 2).
+    pub state: State,
 }
 
+/// How often an open retries when writers keep committing while it reads.
+const OPEN_ATTEMPTS: usize = 20;
+
 impl Db {
+    /// Opens the committed state; a concurrent writer's uncommitted appends are not seen.
     pub fn open(dir: &Path) -> Result<Db> {
         if !dir.join(META).is_file() {
             bail!(
@@ -264,61 +231,186 @@ impl Db {
                 dir.display()
             );
         }
-        let meta_path = dir.join(META);
-        let meta: Meta = std::fs::read_to_string(&meta_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|text| Ok(serde_json::from_str(&text)?))
-            .with_context(|| format!("{} is damaged: re-run embed", meta_path.display()))?;
-        let f = File::open(dir.join(MANIFEST))
-            .with_context(|| format!("cannot open {}", dir.join(MANIFEST).display()))?;
-        // `count` is only a hint (a damaged meta.json must not reserve memory).
-        let mut entries = Vec::with_capacity(meta.count.min(1 << 16));
-        for (i, line) in BufReader::new(f).lines().enumerate() {
-            let line = line.with_context(|| {
-                format!(
-                    "{} line {} is damaged (not UTF-8 text): re-run embed",
-                    dir.join(MANIFEST).display(),
-                    i + 1
-                )
-            })?;
-            if i == 0 {
-                continue;
-            }
-            let mut p = line.split('\t');
-            let (Some(path), Some(id), Some(name)) = (p.next(), p.next(), p.next()) else {
-                bail!("{} line {} is damaged", dir.join(MANIFEST).display(), i + 1);
+        let mut last = None;
+        for attempt in 0..OPEN_ATTEMPTS {
+            let before = state::read(dir)?;
+            let got = match &before {
+                None => Self::open_v1(dir),
+                Some(st) => Self::open_v2(dir, st.clone()),
             };
-            entries.push(Entry {
-                path: unescape_path(path),
-                class_id: id.to_string(),
-                class_name: name.to_string(),
-            });
+            // Valid only if no commit happened meanwhile (a compaction may have swapped files).
+            let after = state::read(dir)?;
+            if after == before {
+                return got;
+            }
+            last = got.err();
+            std::thread::sleep(std::time::Duration::from_millis(2 << attempt.min(6)));
         }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("no result"))
+            .context(format!(
+                "{} kept changing while it was being opened",
+                dir.display()
+            )))
+    }
+
+    fn read_meta(path: &Path) -> Result<Meta> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged: re-run embed", path.display()))
+    }
+
+    /// A DB without `state.json`: every row committed, ids = row numbers, generation 0.
+    fn open_v1(dir: &Path) -> Result<Db> {
+        let mut meta = Self::read_meta(&dir.join(META))?;
+        let mpath = dir.join(MANIFEST);
+        let text =
+            std::fs::read(&mpath).with_context(|| format!("cannot open {}", mpath.display()))?;
+        let rows = manifest::parse(&text, &mpath, false)?;
         let vectors = NpyMap::open(&dir.join(VECTORS))?;
-        if vectors.rows != entries.len() || vectors.dim != meta.dim {
+        if vectors.rows != rows.entries.len() || vectors.dim != meta.dim {
             bail!(
                 "{} is inconsistent: {} vectors of dim {}, {} manifest rows, meta dim {}; re-run embed",
                 dir.display(),
                 vectors.rows,
                 vectors.dim,
-                entries.len(),
+                rows.entries.len(),
                 meta.dim
             );
         }
+        let n = rows.entries.len() as u64;
+        meta.count = n as usize;
         Ok(Db {
             dir: dir.to_path_buf(),
             meta,
-            entries,
+            removed: vec![false; rows.entries.len()],
+            entries: rows.entries,
+            ids: rows.ids,
+            stamps: rows.stamps,
             vectors,
+            state: State {
+                format: 1,
+                generation: 0,
+                rows: n,
+                live: n,
+                manifest_bytes: text.len() as u64,
+                removed_bytes: 0,
+                next_id: n,
+                index: None,
+                pending: vec![],
+            },
         })
     }
 
+    fn open_v2(dir: &Path, st: State) -> Result<Db> {
+        let mut meta = Self::read_meta(&st.resolve(dir, META))?;
+        let read_prefix = |name: &str, len: u64| -> Result<(PathBuf, Vec<u8>)> {
+            let path = st.resolve(dir, name);
+            let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let have = f.metadata()?.len();
+            if have < len {
+                bail!(
+                    "{} is shorter ({have} bytes) than its committed length {len}: the DB is damaged",
+                    path.display()
+                );
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            f.take(len).read_to_end(&mut buf)?;
+            Ok((path, buf))
+        };
+        let (mpath, text) = read_prefix(MANIFEST, st.manifest_bytes)?;
+        let rows = manifest::parse(&text, &mpath, true)?;
+        let (rpath, rtext) = read_prefix(REMOVED, st.removed_bytes)?;
+        let removed_ids = manifest::parse_removed(&rtext, &rpath)?;
+        let n = rows.entries.len();
+        let damaged = |what: String| anyhow::anyhow!("{} is damaged: {what}", dir.display());
+        if n as u64 != st.rows {
+            return Err(damaged(format!(
+                "{} manifest rows, the commit record says {}",
+                n, st.rows
+            )));
+        }
+        if rows.ids.windows(2).any(|w| w[0] >= w[1])
+            || rows.ids.last().is_some_and(|&l| l >= st.next_id)
+        {
+            return Err(damaged(
+                "manifest ids are not increasing below next_id".into(),
+            ));
+        }
+        let mut removed = vec![false; n];
+        for id in removed_ids {
+            let row = rows
+                .ids
+                .binary_search(&id)
+                .map_err(|_| damaged(format!("{REMOVED} names id {id}, which has no row")))?;
+            removed[row] = true;
+        }
+        let live = removed.iter().filter(|&&r| !r).count() as u64;
+        if live != st.live {
+            return Err(damaged(format!(
+                "{live} live rows, the commit record says {}",
+                st.live
+            )));
+        }
+        let vectors = NpyMap::open_prefix(&st.resolve(dir, VECTORS), n, meta.dim)?;
+        meta.count = live as usize;
+        Ok(Db {
+            dir: dir.to_path_buf(),
+            meta,
+            entries: rows.entries,
+            ids: rows.ids,
+            stamps: rows.stamps,
+            vectors,
+            removed,
+            state: st,
+        })
+    }
+
+    /// Live rows (removed ones not counted).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.state.live as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    /// Rows in the files, removed ones included.
+    pub fn rows(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_removed(&self, row: usize) -> bool {
+        self.removed[row]
+    }
+
+    /// The rows not removed, in order.
+    pub fn live_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.rows()).filter(|&r| !self.removed[r])
+    }
+
+    /// The row of a live id.
+    pub fn row_of(&self, id: u64) -> Option<usize> {
+        self.ids
+            .binary_search(&id)
+            .ok()
+            .filter(|&r| !self.removed[r])
+    }
+
+    /// Extends the removed flags over rows just appended to this in-memory view.
+    pub(crate) fn grow_removed(&mut self, added: usize) {
+        self.removed.resize(self.removed.len() + added, false);
+        self.state.live += added as u64;
+    }
+
+    /// Marks a row removed in this in-memory view (the writer's, after it committed the removal).
+    pub(crate) fn mark_removed(&mut self, row: usize) {
+        if !self.removed[row] {
+            self.removed[row] = true;
+            self.state.live -= 1;
+            self.meta.count = self.state.live as usize;
+        }
     }
 
     /// Whether any image of the DB has a label (a DB of an unlabelled folder has none).
@@ -328,8 +420,10 @@ impl Db {
 
     /// Number of distinct classes (0 for an unlabelled DB).
     pub fn class_count(&self) -> usize {
-        let set: std::collections::HashSet<&str> =
-            self.entries.iter().filter_map(Entry::class).collect();
+        let set: std::collections::HashSet<&str> = self
+            .live_rows()
+            .filter_map(|r| self.entries[r].class())
+            .collect();
         set.len()
     }
 }

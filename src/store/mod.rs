@@ -1,6 +1,16 @@
 //! Storage of embeddings: `.npy` vector files ([`npy`]), the DB folder ([`db`]: vectors, manifest,
-//! model identity) and building one from a dataset ([`build`]). Uses [`crate::infer`] and below.
+//! model identity; [`manifest`] its rows, [`state`] its commit record), building one from a dataset
+//! ([`build`]), changing one safely ([`commit`]: the writer, repair, compaction; [`changes`]:
+//! add, remove, sync), checking one ([`check`]) and the crash points its tests use ([`crash`]).
+//! Uses [`crate::infer`] and below.
 
 pub mod build;
+pub mod changes;
+pub mod check;
+pub mod commit;
+pub mod crash;
 pub mod db;
+pub mod manifest;
 pub mod npy;
+pub mod state;
+pub mod uploads;

@@ -7,9 +7,10 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 /// Header length of the npy files we write (a multiple of 64, so the data is aligned).
-const NPY_HEADER: usize = 128;
+pub const NPY_HEADER: usize = 128;
 
-fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
+/// The 128-byte header of an `[rows, dim]` f32 file (its length never depends on the shape).
+pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
     let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     let mut h = Vec::with_capacity(NPY_HEADER);
     h.extend_from_slice(b"\x93NUMPY\x01\x00");
@@ -47,6 +48,11 @@ impl NpyWriter {
         }
         self.rows += 1;
         Ok(())
+    }
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     pub fn finish(mut self) -> Result<usize> {
@@ -139,6 +145,50 @@ impl NpyMap {
         Ok(Self {
             map,
             offset,
+            rows,
+            dim,
+        })
+    }
+
+    /// The first `rows` rows of a file written by deeprank, whatever its length and the shape its
+    /// header says (format 2: the commit record knows the committed rows; rows past them are an
+    /// uncommitted tail, and the header's shape may be a commit behind). Only that prefix is mapped.
+    pub fn open_prefix(path: &Path, rows: usize, dim: usize) -> Result<Self> {
+        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut head = [0u8; NPY_HEADER];
+        let got = std::io::Read::read(&mut &f, &mut head)?;
+        if got < NPY_HEADER
+            || &head[..8] != b"\x93NUMPY\x01\x00"
+            || u16::from_le_bytes([head[8], head[9]]) as usize != NPY_HEADER - 10
+            || !String::from_utf8_lossy(&head[10..60]).contains("'<f4'")
+        {
+            bail!(
+                "{} is not a deeprank vectors file (f32 npy with a 128-byte header)",
+                path.display()
+            );
+        }
+        if dim == 0 {
+            bail!("{}: vectors of dimension 0", path.display());
+        }
+        let have = f.metadata()?.len() as usize;
+        let need = rows
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(4))
+            .and_then(|n| n.checked_add(NPY_HEADER))
+            .unwrap_or(usize::MAX);
+        if have < need {
+            bail!(
+                "{} is truncated: {have} bytes, fewer than the {need} of its {rows} committed rows (restore it or re-run embed)",
+                path.display()
+            );
+        }
+        // SAFETY: only the committed prefix is mapped, and no writer changes committed bytes in
+        // place (appends go past it; compaction writes a new file and renames it over this one).
+        let map = unsafe { memmap2::MmapOptions::new().len(need).map(&f) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        Ok(Self {
+            map,
+            offset: NPY_HEADER,
             rows,
             dim,
         })

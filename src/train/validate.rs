@@ -106,6 +106,16 @@ pub fn validate_epoch(
         .iter()
         .map(|&i| val.ds.items[i].path.clone())
         .collect();
-    let (metrics, _) = evaluate_vectors(&dbv, cfg.dim, &dbc, &dbp, &qv, &qc, &qp, &[1, 10, 30]);
+    let (metrics, _) = evaluate_vectors(
+        &dbv,
+        cfg.dim,
+        &|_| false,
+        &dbc,
+        &dbp,
+        &qv,
+        &qc,
+        &qp,
+        &[1, 10, 30],
+    );
     Ok(metrics)
 }

@@ -1,0 +1,213 @@
+//! The commands that change a DB in place (`add`, `remove`, `sync`, `compact`) and `check`: each
+//! calls `deeprank::store` and prints what it did.
+
+use anyhow::{Result, bail};
+use deeprank::search::query;
+use deeprank::store::changes::{self, Options, Report};
+use deeprank::store::check::check as check_db;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct AddArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// Image files and folders (searched recursively for .jpg/.jpeg/.png).
+    #[arg(required = true, num_args = 1..)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    embed: EmbedFlags,
+}
+
+#[derive(clap::Args)]
+pub struct RemoveArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// Ids (as query/serve show them), file paths, or folders (every row under it).
+    #[arg(required = true, num_args = 1..)]
+    targets: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SyncArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// The folder tree the DB's rows under it must match.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    embed: EmbedFlags,
+}
+
+#[derive(clap::Args)]
+pub struct DbArgs {
+    #[arg(long)]
+    db: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct EmbedFlags {
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Rows per commit (a crash loses at most the chunk being embedded).
+    #[arg(long, default_value_t = 1000)]
+    commit_every: usize,
+    /// Model to embed with (must be the DB's; default: the DB's).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Prints the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EmbedFlags {
+    fn options(&self) -> Result<Options> {
+        if self.batch == 0 || self.commit_every == 0 {
+            bail!("--batch and --commit-every must be at least 1");
+        }
+        Ok(Options {
+            batch: self.batch,
+            commit_every: self.commit_every,
+        })
+    }
+}
+
+fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
+    if json {
+        let j = serde_json::json!({
+            "added": rep.added.iter().map(|(id, p)| serde_json::json!({"id": id, "path": p})).collect::<Vec<_>>(),
+            "removed": rep.removed.iter().map(|(id, p)| serde_json::json!({"id": id, "path": p})).collect::<Vec<_>>(),
+            "changed": rep.changed,
+            "unchanged": rep.unchanged,
+            "duplicates": rep.duplicates.iter().map(|d| serde_json::json!({"path": d.path, "of": d.of})).collect::<Vec<_>>(),
+            "skipped": rep.skipped.iter().map(|s| serde_json::json!({"path": s.path, "reason": s.reason})).collect::<Vec<_>>(),
+            "ignored": rep.ignored.len(),
+            "compacted": rep.compacted,
+            "repaired_bytes": rep.repair.cut_bytes,
+            "upgraded": rep.repair.upgraded,
+            "generation": rep.generation,
+            "count": rep.live,
+            "seconds": rep.seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    if rep.repair.upgraded {
+        eprintln!("upgraded the DB to format 2 (ids, file stamps, commit record)");
+    }
+    if rep.repair.cut_bytes > 0 || rep.repair.renames > 0 {
+        eprintln!(
+            "repaired an interrupted change: cut {} uncommitted bytes, finished {} renames",
+            rep.repair.cut_bytes, rep.repair.renames
+        );
+    }
+    for d in rep.duplicates.iter().take(5) {
+        eprintln!(
+            "duplicate: {} has the same bytes as id {}",
+            d.path.display(),
+            d.of
+        );
+    }
+    if !rep.ignored.is_empty() {
+        eprintln!(
+            "left out: {}",
+            deeprank::data::walk::summarise(&rep.ignored)
+        );
+    }
+    if !rep.skipped.is_empty() {
+        eprintln!(
+            "skipped {} unreadable images (listed above)",
+            rep.skipped.len()
+        );
+    }
+    let rate = if rep.seconds > 0.0 {
+        rep.added.len() as f64 / rep.seconds
+    } else {
+        0.0
+    };
+    println!(
+        "{verb}: {} added, {} removed, {} changed, {} unchanged, {} duplicates skipped, {} unreadable; \
+         {} images in the DB (generation {}) after {:.2}s ({rate:.1} added/s)",
+        rep.added.len(),
+        rep.removed.len(),
+        rep.changed,
+        rep.unchanged,
+        rep.duplicates.len(),
+        rep.skipped.len(),
+        rep.live,
+        rep.generation,
+        rep.seconds
+    );
+    if let Some(n) = rep.compacted {
+        println!("compacted: {n} removed rows dropped");
+    }
+    Ok(())
+}
+
+/// `deeprank add`.
+pub fn add(a: AddArgs) -> Result<()> {
+    let opts = a.embed.options()?;
+    let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
+    let rep = changes::add(&a.db, &a.paths, &opts, &mut |db| {
+        query::embedder_for_db(db, model.as_deref(), weights.as_deref())
+    })?;
+    print(&rep, a.embed.json, "add")
+}
+
+/// `deeprank remove`.
+pub fn remove(a: RemoveArgs) -> Result<()> {
+    let rep = changes::remove(&a.db, &a.targets)?;
+    print(&rep, a.json, "remove")
+}
+
+/// `deeprank sync`.
+pub fn sync(a: SyncArgs) -> Result<()> {
+    let opts = a.embed.options()?;
+    let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
+    let rep = changes::sync(&a.db, &a.data, &opts, &mut |db| {
+        query::embedder_for_db(db, model.as_deref(), weights.as_deref())
+    })?;
+    print(&rep, a.embed.json, "sync")
+}
+
+/// `deeprank compact`.
+pub fn compact(a: DbArgs) -> Result<()> {
+    let rep = changes::compact(&a.db)?;
+    print(&rep, a.json, "compact")
+}
+
+/// `deeprank check`: exits with an error when the DB is damaged.
+pub fn check(a: DbArgs) -> Result<()> {
+    let rep = check_db(&a.db)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{}: format {}, generation {}, {} rows, {} live",
+            a.db.display(),
+            rep.format,
+            rep.generation,
+            rep.rows,
+            rep.live
+        );
+        for n in &rep.notes {
+            println!("note: {n}");
+        }
+        for p in &rep.problems {
+            println!("problem: {p}");
+        }
+    }
+    if !rep.problems.is_empty() {
+        bail!(
+            "{} is damaged ({} problems)",
+            a.db.display(),
+            rep.problems.len()
+        );
+    }
+    Ok(())
+}

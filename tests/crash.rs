@@ -1,0 +1,241 @@
+//! kill -9 during add, remove (with its automatic compaction), sync, compact and the format-1
+//! upgrade: at every named crash point (`DEEPRANK_CRASH_AT`) and at random moments (real SIGKILL).
+//! After each kill the DB must open, pass `check`, and hold exactly the old or the new content;
+//! the next command finishes the change and repairs what the crash left.
+
+mod common;
+
+use common::changes::{Logical, consistent, fresh, logical, make_format_1, png};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Add,
+    Remove,
+    Sync,
+    Compact,
+    Upgrade,
+}
+
+const POINTS: [&str; 17] = [
+    "commit-start",
+    "torn-vector",
+    "vectors-appended",
+    "torn-manifest",
+    "appended",
+    "state-written",
+    "state-renamed",
+    "committed",
+    "header-written",
+    "compact-written",
+    "renames-committed",
+    "renamed",
+    "renamed:2",
+    "renames-done",
+    "upgrade-written",
+    "state-written:2",
+    "state-renamed:3",
+];
+
+/// The case folder's DB made ready for `op` (the change before it done), and the op's arguments.
+fn prepare(dir: &Path, op: Op) -> (PathBuf, Vec<String>) {
+    let (data, db) = fresh(dir);
+    let d = |p: &Path| p.to_str().unwrap().to_string();
+    let first = std::fs::read_dir(data.join("n01443537"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let args = match op {
+        Op::Add => {
+            let new = dir.join("new");
+            std::fs::create_dir_all(&new).unwrap();
+            for i in 0..3 {
+                png(&new.join(format!("p{i}.png")), i);
+            }
+            std::fs::copy(&first, new.join("dup.jpg")).unwrap();
+            vec!["add".into(), "--db".into(), d(&db), d(&new)]
+        }
+        Op::Remove => ["remove", "--db", &d(&db), "1", "5", "9", "10"]
+            .map(String::from)
+            .to_vec(),
+        Op::Sync => {
+            std::fs::remove_file(&first).unwrap();
+            png(&data.join("n01443537/new.png"), 7);
+            let second = std::fs::read_dir(data.join("n02279972"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .min()
+                .unwrap();
+            let img = image::open(&second).unwrap().flipv();
+            img.save_with_format(&second, image::ImageFormat::Png)
+                .unwrap();
+            vec![
+                "sync".into(),
+                "--db".into(),
+                d(&db),
+                "--data".into(),
+                d(&data),
+            ]
+        }
+        Op::Compact => {
+            let (code, _, err) = common::cli(&["remove", "--db", &d(&db), "2", "3"]);
+            assert_eq!(code, 0, "{err}");
+            vec!["compact".into(), "--db".into(), d(&db)]
+        }
+        Op::Upgrade => {
+            make_format_1(&db);
+            ["remove", "--db", &d(&db), "6"].map(String::from).to_vec()
+        }
+    };
+    (db, args)
+}
+
+/// Logical content with the case folder's prefix taken off the paths (cases compare across folders).
+fn content(db: &Path, base: &Path) -> Logical {
+    let prefix = base.to_str().unwrap();
+    logical(db)
+        .into_iter()
+        .map(|(id, p, c, v)| (id, p.replacen(prefix, "", 1), c, v))
+        .collect()
+}
+
+fn deeprank(args: &[String], crash: Option<&str>) -> std::process::Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deeprank"));
+    c.args(["--threads", "2"]).args(args);
+    if let Some(p) = crash {
+        c.env("DEEPRANK_CRASH_AT", p);
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish_ok(args: &[String]) {
+    let out = deeprank(args, None).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kill_at_every_named_point_leaves_the_old_or_the_new_db() {
+    let tmp = tempfile::tempdir().unwrap();
+    for op in [Op::Add, Op::Remove, Op::Sync, Op::Compact, Op::Upgrade] {
+        // The two ends: the content before and after the op, uninterrupted.
+        let base = tmp.path().join(format!("{op:?}-ref"));
+        let (db, args) = prepare(&base, op);
+        let old = content(&db, &base);
+        finish_ok(&args);
+        let new = content(&db, &base);
+        // Compaction changes the files, not the content.
+        assert_eq!(op == Op::Compact, old == new, "{op:?}");
+        let mut crashed = 0;
+        for (i, point) in POINTS.iter().enumerate() {
+            let case = tmp.path().join(format!("{op:?}-{i}"));
+            let (db, args) = prepare(&case, op);
+            assert_eq!(content(&db, &case), old);
+            let out = deeprank(&args, Some(point)).wait_with_output().unwrap();
+            let what = format!("{op:?} killed at {point}");
+            match out.status.signal() {
+                Some(9) => crashed += 1,
+                None if out.status.success() => {} // this op does not pass the point
+                _ => panic!(
+                    "{what}: {:?} {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            }
+            consistent(&db);
+            let now = content(&db, &case);
+            assert!(
+                now == old || now == new,
+                "{what}: neither the old nor the new content"
+            );
+            // The next command finishes the change (or finds it done) and repairs the rest.
+            if now == old {
+                finish_ok(&args);
+            } else {
+                finish_ok(&["compact".into(), "--db".into(), db.to_str().unwrap().into()]);
+            }
+            assert_eq!(content(&db, &case), new, "{what}: after the next command");
+            let notes = consistent(&db);
+            assert!(
+                notes.is_empty(),
+                "{what}: left after the next command: {notes:?}"
+            );
+            std::fs::remove_dir_all(&case).unwrap();
+        }
+        assert!(crashed >= 6, "{op:?} passed only {crashed} crash points");
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_of_a_chunked_add_leaves_a_committed_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let setup = |dir: &Path| {
+        let (_, db) = fresh(dir);
+        let new = dir.join("new");
+        std::fs::create_dir_all(&new).unwrap();
+        for i in 0..16 {
+            png(&new.join(format!("p{i:02}.png")), 100 + i);
+        }
+        let args: Vec<String> = ["add", "--db", db.to_str().unwrap(), new.to_str().unwrap()]
+            .into_iter()
+            .map(String::from)
+            .chain(["--commit-every", "2", "--batch", "2"].map(String::from))
+            .collect();
+        (db, args)
+    };
+    let base = tmp.path().join("ref");
+    let (db, args) = setup(&base);
+    let old = content(&db, &base);
+    let t0 = Instant::now();
+    finish_ok(&args);
+    let full = t0.elapsed();
+    let new = content(&db, &base);
+    assert_eq!(new.len(), old.len() + 16);
+    let mut seed = 12345u64;
+    let mut outcomes = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let frac = (seed >> 11) as f64 / (1u64 << 53) as f64;
+        let case = tmp.path().join(format!("kill-{i}"));
+        let (db, args) = setup(&case);
+        let mut child = deeprank(&args, None);
+        // Model loading takes the first part of a run: kill mostly after it.
+        std::thread::sleep(full.mul_f64(0.2 + frac * 0.9));
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        consistent(&db);
+        let now = content(&db, &case);
+        let added = now.len() - old.len();
+        assert_eq!(&now[..old.len()], &old[..], "kill {i}: old rows changed");
+        assert_eq!(
+            &now[old.len()..],
+            &new[old.len()..now.len()],
+            "kill {i}: not a prefix"
+        );
+        assert!(
+            added.is_multiple_of(2),
+            "kill {i}: {added} rows is not whole commits"
+        );
+        outcomes.insert(added);
+        finish_ok(&args);
+        assert_eq!(content(&db, &case), new, "kill {i}: after the next add");
+        assert!(consistent(&db).is_empty());
+        std::fs::remove_dir_all(&case).unwrap();
+    }
+    assert!(
+        outcomes.len() >= 3,
+        "kills landed at too few moments: {outcomes:?}"
+    );
+}

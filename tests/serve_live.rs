@@ -1,0 +1,334 @@
+//! `serve` over a changing DB: reload on a commit (poll and `POST /api/reload`), uploads with
+//! `--writable` and the API key, and searches during adds that only ever see whole commits.
+
+mod common;
+
+use common::changes::{fresh, png};
+use deeprank::store::db::Db;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(db: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deeprank"))
+        .args(["--threads", "2", "serve", "--db", db.to_str().unwrap()])
+        .args(["--addr", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("no address: {line:?}"))
+        .to_string();
+    Server { child, base }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let mut r = agent().get(url).call().unwrap();
+    let v = r.body_mut().read_json::<Value>().unwrap_or(Value::Null);
+    (r.status().as_u16(), v)
+}
+
+fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+    let mut req = agent().post(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut r = req.send(body).unwrap();
+    let v = r.body_mut().read_json::<Value>().unwrap_or(Value::Null);
+    (r.status().as_u16(), v)
+}
+
+fn count(s: &Server) -> u64 {
+    get(&format!("{}/api/stats", s.base)).1["count"]
+        .as_u64()
+        .unwrap()
+}
+
+fn add(db: &Path, paths: &[PathBuf], crash: Option<&str>) -> bool {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deeprank"));
+    c.args(["--threads", "1", "add", "--db", db.to_str().unwrap()])
+        .args(paths)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(p) = crash {
+        c.env("DEEPRANK_CRASH_AT", p);
+    }
+    c.status().unwrap().success()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_follows_commits_by_polling_and_on_post_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, db) = fresh(tmp.path());
+    let new: Vec<PathBuf> = (0..4)
+        .map(|i| tmp.path().join(format!("n{i}.png")))
+        .collect();
+    for (i, p) in new.iter().enumerate() {
+        png(p, 40 + i as u32);
+    }
+    let polled = start(&db, &["--reload-ms", "100"]);
+    let manual = start(&db, &["--reload-ms", "0"]);
+    assert_eq!(count(&polled), 12);
+    assert!(add(&db, &new[..2], None));
+    wait_for("the poll sees the add", || count(&polled) == 14);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&manual), 12, "no polling: still the old view");
+    let (code, v) = post(&format!("{}/api/reload", manual.base), &[], b"");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (v["reloaded"].as_bool(), v["count"].as_u64()),
+        (Some(true), Some(14))
+    );
+    let (_, v) = post(&format!("{}/api/reload", manual.base), &[], b"");
+    assert_eq!(v["reloaded"].as_bool(), Some(false));
+    // A removed row disappears from results and from /api/images.
+    let (code, _) = get(&format!("{}/api/images/13", polled.base));
+    assert_ne!(code, 404);
+    let (code, _, err) = common::cli(&["remove", "--db", db.to_str().unwrap(), "13"]);
+    assert_eq!(code, 0, "{err}");
+    wait_for("the poll sees the removal", || count(&polled) == 13);
+    let r = agent()
+        .get(&format!("{}/api/images/13", polled.base))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let (_, v) = get(&format!("{}/api/search?id=12&top=20", polled.base));
+    let ids: Vec<u64> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 12);
+    assert!(!ids.contains(&13) && !ids.contains(&12), "{ids:?}");
+}
+
+#[test]
+fn uploads_need_writable_and_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, db) = fresh(tmp.path());
+    let img = tmp.path().join("up.png");
+    png(&img, 77);
+    let bytes = std::fs::read(&img).unwrap();
+    // --writable without a key does not start.
+    let (code, _, err) = common::cli(&["serve", "--db", db.to_str().unwrap(), "--writable"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--api-key"), "{err}");
+    let ro = start(&db, &[]);
+    let (code, v) = post(
+        &format!("{}/api/images?name=up.png", ro.base),
+        &[("Authorization", "Bearer k3y")],
+        &bytes,
+    );
+    assert_eq!(code, 403, "{v}");
+    drop(ro);
+    let s = start(&db, &["--writable", "--api-key", "k3y"]);
+    let url = format!("{}/api/images?name=my%20photo.png", s.base);
+    for auth in [None, Some("Bearer wrong"), Some("k3y"), Some("Bearer k3")] {
+        let h: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let (code, v) = post(&url, &h, &bytes);
+        assert_eq!(code, 401, "{auth:?}: {v}");
+    }
+    assert_eq!(count(&s), 12, "refused uploads store nothing");
+    let key = [("Authorization", "Bearer k3y")];
+    let (code, v) = post(&url, &key, &bytes);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["id"], 12);
+    assert_eq!(v["count"], 13);
+    // The same bytes again: the existing id, nothing stored.
+    let (code, v2) = post(&url, &key, &bytes);
+    assert_eq!(
+        (code, &v2["id"], &v2["duplicate"]),
+        (200, &v["id"], &Value::Bool(true))
+    );
+    let (code, bad) = post(&url, &key, b"not an image");
+    assert!(code == 415 || code == 400, "{code} {bad}");
+    // Multipart, with the form's file name.
+    let other = tmp.path().join("other.png");
+    png(&other, 78);
+    let b = "bnd";
+    let mut body = format!("--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"../../evil name.png\"\r\n\r\n").into_bytes();
+    body.extend_from_slice(&std::fs::read(&other).unwrap());
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={b}");
+    let (code, v3) = post(
+        &format!("{}/api/images", s.base),
+        &[key[0], ("Content-Type", &ct)],
+        &body,
+    );
+    assert_eq!(code, 201, "{v3}");
+    // Stored under DB/uploads/, found by search as itself, served by id.
+    let d = Db::open(&db).unwrap();
+    let stored: Vec<PathBuf> = d
+        .live_rows()
+        .filter(|&r| d.ids[r] >= 12)
+        .map(|r| d.entries[r].path.clone())
+        .collect();
+    assert_eq!(stored.len(), 2);
+    for p in &stored {
+        assert!(
+            p.starts_with(std::path::absolute(db.join("uploads")).unwrap()),
+            "{}",
+            p.display()
+        );
+        assert!(p.is_file());
+    }
+    assert!(
+        stored[0].to_str().unwrap().ends_with("-my_photo.png"),
+        "{}",
+        stored[0].display()
+    );
+    assert!(
+        stored[1].to_str().unwrap().ends_with("-evil_name.png"),
+        "{}",
+        stored[1].display()
+    );
+    let (code, v) = post(
+        &format!("{}/api/search?top=1", s.base),
+        &[("Content-Type", "image/png")],
+        &bytes,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(v["results"][0]["id"], 12);
+    assert!(v["results"][0]["distance"].as_f64().unwrap() < 1e-3);
+    let mut r = agent()
+        .get(&format!("{}/api/images/12", s.base))
+        .call()
+        .unwrap();
+    assert_eq!(r.body_mut().read_to_vec().unwrap(), bytes);
+}
+
+#[test]
+fn searches_during_adds_only_see_whole_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, db) = fresh(tmp.path());
+    let s = start(&db, &["--reload-ms", "20"]);
+    // A query like the images being added (it is added last, to know its vector).
+    let query = tmp.path().join("query.png");
+    png(&query, 199);
+    let qbytes = std::fs::read(&query).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let searcher = {
+        let (base, stop) = (s.base.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, v) = post(
+                    &format!("{base}/api/search?top=8"),
+                    &[("Content-Type", "image/png")],
+                    &qbytes,
+                );
+                assert_eq!(code, 200, "{v}");
+                answers.push(v);
+            }
+            answers
+        })
+    };
+    let pngs = |k: u32, seed: u32| -> Vec<PathBuf> {
+        (0..3)
+            .map(|i| {
+                let p = tmp.path().join(format!("a{seed}-{k}-{i}.png"));
+                png(&p, seed + k * 3 + i);
+                p
+            })
+            .collect()
+    };
+    // Adds that commit, and adds of other images killed mid-append: those rows would take the
+    // same ids, so a reader that saw them would report distances the final DB contradicts.
+    for k in 0..6u32 {
+        if k % 2 == 1 {
+            assert!(!add(&db, &pngs(k, 500), Some("torn-vector")));
+            assert!(!add(&db, &pngs(k, 600), Some("appended")));
+        }
+        assert!(add(&db, &pngs(k, 200), None));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = searcher.join().unwrap();
+    assert!(add(&db, std::slice::from_ref(&query), None));
+    // Every answer is exact for the final DB's vectors of the ids it names.
+    let d = Db::open(&db).unwrap();
+    assert_eq!(d.len(), 12 + 18 + 1);
+    let qrow = d.row_of(30).unwrap();
+    assert_eq!(d.entries[qrow].path, std::path::absolute(&query).unwrap());
+    let q = d.vectors.row(qrow).to_vec();
+    let mut generations = std::collections::BTreeSet::new();
+    let mut last = 0;
+    for a in &answers {
+        let g = a["generation"].as_u64().unwrap();
+        assert!(g >= last, "generations go back: {last} then {g}");
+        last = g;
+        generations.insert(g);
+        let hits = a["results"].as_array().unwrap();
+        assert_eq!(hits.len(), 8);
+        let mut prev = -1.0;
+        for h in hits {
+            let id = h["id"].as_u64().unwrap();
+            let row = d
+                .row_of(id)
+                .unwrap_or_else(|| panic!("id {id} is not in the DB"));
+            let want: f32 = q
+                .iter()
+                .zip(d.vectors.row(row))
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            let got = h["distance"].as_f64().unwrap() as f32;
+            assert!(
+                (got - want).abs() < 1e-3,
+                "id {id}: {got} vs {want} (generation {g})"
+            );
+            assert!(got >= prev);
+            prev = got;
+        }
+    }
+    assert!(
+        generations.len() >= 3,
+        "searches saw too few commits: {generations:?}"
+    );
+    let newest = answers.last().unwrap()["results"].as_array().unwrap();
+    assert!(
+        newest.iter().any(|h| h["id"].as_u64().unwrap() >= 12),
+        "the added images should rank near the query"
+    );
+    assert!(answers.len() > 20);
+}
