@@ -5,7 +5,8 @@ use anyhow::{Result, bail};
 use deeprank::search::query;
 use deeprank::store::changes::{self, Options, Report};
 use deeprank::store::check::check as check_db;
-use std::path::PathBuf;
+use deeprank::store::db::escape_path;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct AddArgs {
@@ -77,15 +78,27 @@ impl EmbedFlags {
     }
 }
 
+/// A path for JSON: as it is when UTF-8, else in the manifest's escaped form.
+fn text(p: &Path) -> String {
+    p.to_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| escape_path(p))
+}
+
 fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
     if json {
+        let rows = |v: &[(u64, PathBuf)]| {
+            v.iter()
+                .map(|(id, p)| serde_json::json!({"id": id, "path": text(p)}))
+                .collect::<Vec<_>>()
+        };
         let j = serde_json::json!({
-            "added": rep.added.iter().map(|(id, p)| serde_json::json!({"id": id, "path": p})).collect::<Vec<_>>(),
-            "removed": rep.removed.iter().map(|(id, p)| serde_json::json!({"id": id, "path": p})).collect::<Vec<_>>(),
+            "added": rows(&rep.added),
+            "removed": rows(&rep.removed),
             "changed": rep.changed,
             "unchanged": rep.unchanged,
-            "duplicates": rep.duplicates.iter().map(|d| serde_json::json!({"path": d.path, "of": d.of})).collect::<Vec<_>>(),
-            "skipped": rep.skipped.iter().map(|s| serde_json::json!({"path": s.path, "reason": s.reason})).collect::<Vec<_>>(),
+            "duplicates": rep.duplicates.iter().map(|d| serde_json::json!({"path": text(&d.path), "of": d.of})).collect::<Vec<_>>(),
+            "skipped": rep.skipped.iter().map(|s| serde_json::json!({"path": text(&s.path), "reason": s.reason})).collect::<Vec<_>>(),
             "ignored": rep.ignored.len(),
             "compacted": rep.compacted,
             "repaired_bytes": rep.repair.cut_bytes,
