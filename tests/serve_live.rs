@@ -240,7 +240,9 @@ fn uploads_need_writable_and_the_key() {
 fn searches_during_adds_only_see_whole_commits() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, db) = fresh(tmp.path());
-    let s = start(&db, &["--reload-ms", "20"]);
+    // Reloads on POST only, so the test decides when the server reopens the DB: right after
+    // killed adds left uncommitted rows in the files.
+    let s = start(&db, &["--reload-ms", "0"]);
     // A query like the images being added (it is added last, to know its vector).
     let query = tmp.path().join("query.png");
     png(&query, 199);
@@ -271,15 +273,20 @@ fn searches_during_adds_only_see_whole_commits() {
             })
             .collect()
     };
-    // Adds that commit, and adds of other images killed mid-append: those rows would take the
-    // same ids, so a reader that saw them would report distances the final DB contradicts.
+    // Adds that commit, then adds of other images killed mid-append, then a reload: the files
+    // hold rows past the commit while the server reopens the DB. Those rows would take the ids
+    // the next add gives to other images, so a reader that saw them would report distances the
+    // final DB contradicts.
+    let reload = format!("{}/api/reload", s.base);
     for k in 0..6u32 {
-        if k % 2 == 1 {
+        assert!(add(&db, &pngs(k, 200), None));
+        if k % 2 == 0 {
             assert!(!add(&db, &pngs(k, 500), Some("torn-vector")));
             assert!(!add(&db, &pngs(k, 600), Some("appended")));
         }
-        assert!(add(&db, &pngs(k, 200), None));
-        std::thread::sleep(Duration::from_millis(100));
+        let (code, v) = post(&reload, &[], b"");
+        assert_eq!((code, v["reloaded"].as_bool()), (200, Some(true)), "{v}");
+        std::thread::sleep(Duration::from_millis(150));
     }
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
