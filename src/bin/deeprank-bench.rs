@@ -164,7 +164,7 @@ fn run(cli: Cli) -> Result<()> {
             let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
             let s = benchkit::time_decode(&paths, size, runs)?;
             println!(
-                "RESULT deeprank_decode images={} size={size} seconds={s:.4} img_per_s={:.0}",
+                "RESULT deeprank_decode images={} size={size} seconds={s:.6} img_per_s={:.0}",
                 paths.len(),
                 paths.len() as f64 / s
             );
@@ -179,7 +179,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (sec, loss) = train::step::time_train(&data, size, triplets, dim, warmup, steps)?;
             println!(
-                "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.4} img_per_s={:.1} loss={loss:.4}",
+                "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.6} img_per_s={:.1} loss={loss:.4}",
                 (3 * triplets) as f64 / sec
             );
         }
