@@ -1,5 +1,9 @@
 //! bench VECTORS.npy IMPL [EFS] — IMPL: own | usearch | hnswrs | instant | exact.
 //! Last NQ (1000) rows are queries. Env: THREADS (2), M (16), EFC (200), NQ (1000), SAVE (path, own).
+//! For bench/ann.sh (PROTO=): BUILD_ONLY=1 (own: build, save to SAVE, print the BUILD line, exit),
+//! LOAD=path (own: search that saved graph, memory-mapped, no build), REPEAT (timed calls per ef),
+//! FILTERS=1 (own: also the filtered searches when SET.npy.labels.u16 exists). Each timed line gives
+//! cpu = CPU seconds of all the process's threads / wall seconds, and the load average.
 use annbench::{ann, exact, npy};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -8,6 +12,19 @@ fn rss_mb(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let l = s.lines().find(|l| l.starts_with(field)).unwrap();
     l.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+fn cpu_s() -> f64 {
+    // CPU time of every thread of this process, ns resolution (/proc/self/task/*/schedstat)
+    let mut ns = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+            ns += s.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e9
+}
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap().split_whitespace().next().unwrap().to_string()
 }
 fn env(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
@@ -45,38 +62,56 @@ fn main() {
             if env("WARMUP", 0) > 0 {
                 let _ = run(ef); // optional warm-up pass; off by default, as in ann_anchors.py
             }
-            let t = Instant::now();
-            let r = run(ef);
-            let s = t.elapsed().as_secs_f64();
-            println!("RESULT set={tag} impl={name} ef={ef} recall10={:.4} qps={:.0} build_s={build:.1} index_mb={size:.1} peak_rss_mb={:.0} threads={threads}", recall(&r), nq as f64 / s, rss_mb("VmHWM:"));
+            for _ in 0..env("REPEAT", 1) {
+                let (c, t) = (cpu_s(), Instant::now());
+                let r = run(ef);
+                let s = t.elapsed().as_secs_f64();
+                let cpu = (cpu_s() - c) / s;
+                println!("RESULT set={tag} impl={name} ef={ef} recall10={:.4} qps={:.0} seconds={s:.4} cpu={cpu:.2} build_s={build:.1} index_mb={size:.1} peak_rss_mb={:.0} threads={threads} load={}", recall(&r), nq as f64 / s, rss_mb("VmHWM:"), load());
+                std::io::Write::flush(&mut std::io::stdout()).unwrap();
+            }
         }
     };
     match imp {
         "exact" => {
-            let t = Instant::now();
-            let r = exact::search(db, dim, qs, k, &|_, _| false);
-            let s = t.elapsed().as_secs_f64();
-            let ids: Vec<Vec<u32>> = r.iter().map(|h| h.iter().map(|x| x.index as u32).collect()).collect();
-            println!("RESULT set={tag} impl=exact-deeprank ef=- recall10={:.4} qps={:.0} build_s=0 index_mb=0 peak_rss_mb={:.0} threads={threads}", recall(&ids), nq as f64 / s, rss_mb("VmHWM:"));
+            for _ in 0..env("REPEAT", 1) {
+                let (c, t) = (cpu_s(), Instant::now());
+                let r = exact::search(db, dim, qs, k, &|_, _| false);
+                let s = t.elapsed().as_secs_f64();
+                let cpu = (cpu_s() - c) / s;
+                let ids: Vec<Vec<u32>> = r.iter().map(|h| h.iter().map(|x| x.index as u32).collect()).collect();
+                println!("RESULT set={tag} impl=exact-deeprank-copy ef=- recall10={:.4} qps={:.0} seconds={s:.4} cpu={cpu:.2} build_s=0 index_mb=0 peak_rss_mb={:.0} threads={threads} load={}", recall(&ids), nq as f64 / s, rss_mb("VmHWM:"), load());
+            }
         }
         "own" => {
-            let t = Instant::now();
+          let sp = std::env::var("SAVE").unwrap_or(format!("/tmp/{tag}.hnsw"));
+          let (h, b) = if let Ok(lp) = std::env::var("LOAD") {
+            // search phase: the saved graph, memory-mapped (as the shipped index opens it)
+            (ann::Hnsw::open(std::path::Path::new(&lp)).unwrap(), f64::NAN)
+          } else {
+            let (c0, t) = (cpu_s(), Instant::now());
             // The last 50 rows go in as an incremental add, timed on its own.
             let mut h = ann::Hnsw::build(&db[..(n - 50) * dim], dim, &ann::Params { m, ef_construction: efc, seed: 0x5eed });
             let b = t.elapsed().as_secs_f64();
+            let bcpu = (cpu_s() - c0) / b;
             h.take_touched();
             let t = Instant::now();
             h.extend(db);
             println!("own-hnsw incremental add of 50 rows to {}: {:.1} ms, {} nodes' lists touched", n - 50, t.elapsed().as_secs_f64() * 1e3, h.take_touched().len());
-            let sp = std::env::var("SAVE").unwrap_or(format!("/tmp/{tag}.hnsw"));
             let mut w = std::io::BufWriter::new(std::fs::File::create(&sp).unwrap());
             h.save(&mut w).unwrap();
             drop(w);
             let size = std::fs::metadata(&sp).unwrap().len() as f64 / 1048576.0;
+            println!("BUILD set={tag} impl=own-hnsw-proto n={n} d={dim} M={m} efC={efc} build_s={b:.1} cpu={bcpu:.2} index_mb={size:.1} peak_rss_mb={:.0} threads={threads} load={}", rss_mb("VmHWM:"), load());
+            if env("BUILD_ONLY", 0) > 0 { return; }
             let h = if std::env::var("MAPPED").is_ok() { ann::Hnsw::open(std::path::Path::new(&sp)).unwrap() } else { h };
-            report("own-hnsw", b, size, &|ef| {
+            (h, b)
+          };
+          let size = std::fs::metadata(std::env::var("LOAD").unwrap_or(sp.clone())).unwrap().len() as f64 / 1048576.0;
+            report("own-hnsw-proto", b, size, &|ef| {
                 qs.par_chunks(dim).map(|q| h.search(db, q, k, ef, None).iter().map(|x| x.id).collect()).collect()
             });
+            if env("FILTERS", 0) == 0 { return; }
             if let Ok(lb) = std::fs::read(format!("{path}.labels.u16")) {
                 let lab: Vec<u16> = lb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                 for kind in ["own-class", "even-classes"] {
@@ -88,7 +123,7 @@ fn main() {
                         let r = run();
                         let s = t.elapsed().as_secs_f64();
                         let rec = r.iter().zip(&truth).map(|(a, b)| a.iter().filter(|i| b.contains(i)).count()).sum::<usize>() as f64 / (nq * k) as f64;
-                        println!("RESULT set={tag} impl=own-hnsw-filter:{kind} ef={ef} recall10={rec:.4} qps={:.0} threads={threads}", nq as f64 / s);
+                        println!("RESULT set={tag} impl=own-hnsw-proto-filter:{kind} ef={ef} recall10={rec:.4} qps={:.0} threads={threads}", nq as f64 / s);
                     }
                 }
             }
