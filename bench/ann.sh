@@ -53,7 +53,7 @@ fi
 if [ "${MAKE_REAL:-0}" = 1 ] && [ ! -f "$DATA/real64.npy" ]; then
   [ -d "$DATA/aug" ] || "$PYTHON" bench/ann_augment.py ../shared/data/tiny-imagenet-200-mini "$DATA/aug" 11
   [ -d "$DATA/db_real64" ] || nice -n 5 "$BIN/deeprank" embed --data "$DATA/aug" --out "$DATA/db_real64" --size 64
-  "$PYTHON" bench/ann_prep_real.py "$DATA/db_real64" "$DATA/real64.npy"
+  "$PYTHON" bench/ann_prep_real.py "$DATA/real64.npy" "$DATA/db_real64"
 fi
 if [ $# -gt 0 ]; then SETS=("$@"); else
   SETS=("$DATA/synth1m_128.npy"); [ -f "$DATA/real64.npy" ] && SETS+=("$DATA/real64.npy")
