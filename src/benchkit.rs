@@ -242,3 +242,135 @@ pub fn make_db(out: &Path, rows: usize, model: &str, seed: u64) -> Result<usize>
     })?;
     Ok(emb.dim)
 }
+
+/// What [`time_ann`] measured.
+pub struct AnnBench {
+    pub n: usize,
+    pub dim: usize,
+    pub queries: usize,
+    pub build_seconds: f64,
+    /// Rows inserted after the build by `Hnsw::extend` (0: none), and its seconds.
+    pub added: usize,
+    pub add_seconds: f64,
+    pub index_bytes: u64,
+    /// The exact scan's seconds for all queries (the ground truth's cost).
+    pub exact_seconds: f64,
+    /// Per `ef`: recall@k against the exact scan, and the seconds for all queries in one call.
+    pub runs: Vec<(usize, f64, f64)>,
+    /// Peak resident memory of the process, bytes (Linux; 0 elsewhere).
+    pub peak_rss: u64,
+}
+
+/// Peak resident set size of this process from `/proc/self/status` (0 when unknown).
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Times deeprank's HNSW index (`search::ann`, the code `deeprank index` ships) on `db` (an
+/// `[n, dim]` f32 `.npy`) with `queries` (another, or `None`: the last `tail` rows of `db` are the
+/// queries and are left out of the index): build with `params` on a pool of `threads` threads
+/// (the last `add` rows inserted afterwards by `extend`, timed apart), save to `save` and search
+/// the memory-mapped file, all queries in one call per `ef`, recall@`k` against the exact scan.
+#[allow(clippy::too_many_arguments)]
+pub fn time_ann(
+    db: &Path,
+    queries: Option<&Path>,
+    tail: usize,
+    params: &crate::search::ann::Params,
+    efs: &[usize],
+    k: usize,
+    threads: usize,
+    add: usize,
+    save: &Path,
+) -> Result<AnnBench> {
+    use crate::search::ann::Hnsw;
+    let dbm = NpyMap::open(db)?;
+    let qm = queries.map(NpyMap::open).transpose()?;
+    let dim = dbm.dim;
+    let (data, qs): (&[f32], &[f32]) = match &qm {
+        Some(q) => {
+            anyhow::ensure!(
+                q.dim == dim,
+                "{} has vectors of {} values, {} of {dim}",
+                queries.unwrap().display(),
+                q.dim,
+                db.display()
+            );
+            (dbm.data(), q.data())
+        }
+        None => {
+            anyhow::ensure!(
+                tail > 0 && tail < dbm.rows,
+                "{} has {} rows: --nq {tail} must be between 1 and that",
+                db.display(),
+                dbm.rows
+            );
+            dbm.data().split_at((dbm.rows - tail) * dim)
+        }
+    };
+    let n = data.len() / dim;
+    let nq = qs.len() / dim;
+    anyhow::ensure!(
+        n > add && nq > 0 && k > 0,
+        "nothing to search: {n} rows, {nq} queries"
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()?;
+    pool.install(|| -> Result<AnnBench> {
+        let t0 = Instant::now();
+        let truth = search(data, dim, qs, k, &|_, _| false);
+        let exact_seconds = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut h = Hnsw::build(&data[..(n - add) * dim], dim, params);
+        let build_seconds = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        h.extend(data);
+        let add_seconds = t0.elapsed().as_secs_f64();
+        {
+            let f = std::fs::File::create(save)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", save.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            h.save(&mut w)?;
+        }
+        drop(h);
+        let index_bytes = std::fs::metadata(save)?.len();
+        let h = Hnsw::open(save)?;
+        let mut runs = Vec::new();
+        for &ef in efs {
+            let t0 = Instant::now();
+            let got = h.search_batch(data, qs, k, ef, None);
+            let s = t0.elapsed().as_secs_f64();
+            let found: usize = got
+                .iter()
+                .zip(&truth)
+                .map(|(g, t)| {
+                    g.iter()
+                        .filter(|x| t.iter().any(|y| y.index == x.id as usize))
+                        .count()
+                })
+                .sum();
+            let want: usize = truth.iter().map(Vec::len).sum();
+            runs.push((ef, found as f64 / want.max(1) as f64, s));
+        }
+        Ok(AnnBench {
+            n,
+            dim,
+            queries: nq,
+            build_seconds,
+            added: add,
+            add_seconds,
+            index_bytes,
+            exact_seconds,
+            runs,
+            peak_rss: peak_rss(),
+        })
+    })
+}

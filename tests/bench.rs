@@ -156,3 +156,77 @@ fn train_times_steps_of_the_seed_recipe() {
         "{err}"
     );
 }
+
+#[test]
+fn ann_builds_the_shipped_index_and_measures_recall_against_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dbp, qp) = (dir.path().join("db.npy"), dir.path().join("q.npy"));
+    deeprank::benchkit::random_npy(&dbp, 2000, 12, 1).unwrap();
+    deeprank::benchkit::random_npy(&qp, 30, 12, 2).unwrap();
+    let save = dir.path().join("ix.hnsw");
+    let (code, out, err) = bench(&[
+        "ann",
+        "--db-npy",
+        dbp.to_str().unwrap(),
+        "--queries",
+        qp.to_str().unwrap(),
+        "--m",
+        "8",
+        "--ef-construction",
+        "100",
+        "--ef",
+        "500",
+        "--add",
+        "50",
+        "--save",
+        save.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let b = result(&out, "deeprank_ann_build");
+    assert_eq!((b["n"].as_str(), b["dim"].as_str()), ("2000", "12"));
+    positive(&b, "build_seconds");
+    assert_eq!(b["add_rows"], "50");
+    assert_eq!(
+        b["index_bytes"],
+        std::fs::metadata(&save).unwrap().len().to_string()
+    );
+    positive(&result(&out, "deeprank_ann_exact"), "qps");
+    let s = result(&out, "deeprank_ann_search");
+    assert_eq!((s["ef"].as_str(), s["queries"].as_str()), ("500", "30"));
+    positive(&s, "qps");
+    // ef = 500 over 2000 rows of 12-d: the graph walk finds what the exact scan finds.
+    let recall: f64 = s["recall"].parse().unwrap();
+    assert!(recall >= 0.99, "recall {recall}");
+    // Without --queries, the last --nq rows are the queries; each --ef gets a line.
+    let (code, out, err) = bench(&[
+        "ann",
+        "--db-npy",
+        dbp.to_str().unwrap(),
+        "--nq",
+        "20",
+        "--ef",
+        "8,64",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(result(&out, "deeprank_ann_build")["n"], "1980");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("RESULT deeprank_ann_search "))
+            .count(),
+        2
+    );
+    // Bad input: an error naming the problem, no panic.
+    let other = dir.path().join("other.npy");
+    deeprank::benchkit::random_npy(&other, 10, 5, 3).unwrap();
+    for (args, want) in [
+        (vec!["--queries", other.to_str().unwrap()], "values"),
+        (vec!["--ef", "8,x"], "--ef"),
+        (vec!["--nq", "5000"], "--nq"),
+    ] {
+        let mut a = vec!["ann", "--db-npy", dbp.to_str().unwrap()];
+        a.extend(args);
+        let (code, _, err) = bench(&a);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(want) && !err.contains("panick"), "{err}");
+    }
+}

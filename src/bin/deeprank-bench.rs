@@ -58,6 +58,37 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Times deeprank's HNSW index (the code `deeprank index` ships) against the exact scan:
+    /// build seconds, index bytes, then recall@K and queries/s per --ef, all queries in one call,
+    /// on a pool of --threads threads (default 2). Both files are `[rows, dim]` little-endian f32 C-order `.npy`
+    /// (numpy `np.save` of a float32 2-d array; any header version).
+    Ann {
+        #[arg(long)]
+        db_npy: PathBuf,
+        /// The queries; without it, the last --nq rows of --db-npy are the queries (left out of the
+        /// index).
+        #[arg(long)]
+        queries: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        nq: usize,
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        #[arg(long, default_value_t = 200)]
+        ef_construction: usize,
+        /// The ef values, comma-separated.
+        #[arg(long, default_value = "16,32,64,128")]
+        ef: String,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// Rows inserted after the build by an incremental add (timed apart; 0: none).
+        #[arg(long, default_value_t = 0)]
+        add: usize,
+        /// Where the index file is written (default: a temporary file, removed after).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
     /// Writes a DB of random unit vectors whose meta names MODEL (for timing `deeprank add` into a
     /// big DB: `bench/collection.sh`).
     MakeDb {
@@ -101,6 +132,7 @@ enum Cmd {
 
 fn run(cli: Cli) -> Result<()> {
     cli.globals.apply()?;
+    let threads = cli.globals.threads;
     match cli.cmd {
         Cmd::Plant {
             data,
@@ -145,6 +177,70 @@ fn run(cli: Cli) -> Result<()> {
                 qp.display()
             );
         }
+        Cmd::Ann {
+            db_npy,
+            queries,
+            nq,
+            m,
+            ef_construction,
+            ef,
+            k,
+            add,
+            save,
+            seed,
+        } => {
+            let threads = threads.unwrap_or(2);
+            anyhow::ensure!((2..=255).contains(&m), "--m must be between 2 and 255");
+            let efs: Vec<usize> = ef
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--ef {ef}: {e} (expected e.g. 16,32,64)"))?;
+            let tmp = tempfile_path();
+            let path = save.clone().unwrap_or_else(|| tmp.clone());
+            let params = deeprank::search::ann::Params {
+                m,
+                ef_construction,
+                seed,
+            };
+            let r = benchkit::time_ann(
+                &db_npy,
+                queries.as_deref(),
+                nq,
+                &params,
+                &efs,
+                k,
+                threads,
+                add,
+                &path,
+            );
+            if save.is_none() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            let r = r?;
+            println!(
+                "RESULT deeprank_ann_build n={} dim={} m={m} ef_construction={ef_construction} threads={threads} build_seconds={:.6} index_bytes={} add_rows={} add_seconds={:.6}",
+                r.n, r.dim, r.build_seconds, r.index_bytes, r.added, r.add_seconds
+            );
+            println!(
+                "RESULT deeprank_ann_exact n={} dim={} queries={} k={k} threads={threads} seconds={:.6} qps={:.1}",
+                r.n,
+                r.dim,
+                r.queries,
+                r.exact_seconds,
+                r.queries as f64 / r.exact_seconds
+            );
+            for (ef, recall, s) in &r.runs {
+                println!(
+                    "RESULT deeprank_ann_search n={} dim={} queries={} k={k} m={m} ef={ef} threads={threads} recall={recall:.4} seconds={s:.6} qps={:.1} peak_rss_bytes={}",
+                    r.n,
+                    r.dim,
+                    r.queries,
+                    r.queries as f64 / s,
+                    r.peak_rss
+                );
+            }
+        }
         Cmd::MakeDb {
             out,
             rows,
@@ -185,6 +281,11 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A fresh file name in the temporary folder for an index the bench removes after.
+fn tempfile_path() -> PathBuf {
+    std::env::temp_dir().join(format!("deeprank-bench-ann-{}.hnsw", std::process::id()))
 }
 
 fn main() {

@@ -1,5 +1,5 @@
 //! Every hand-written CPU kernel: BatchNorm folding, the `gemm` wrappers, one AVX-512/AVX2/baseline
-//! dispatch, depthwise convolution forward and backward, BatchNorm/ReLU6 row passes, the inference
+//! dispatch, the squared-L2 kernels ([`l2`]), depthwise convolution forward and backward, BatchNorm/ReLU6 row passes, the inference
 //! [`engine`] and the trainable backbone's forward and backward [`pass`]. Uses [`crate::model`]
 //! (reads Lite0's weights) and nothing above it.
 
@@ -7,6 +7,7 @@ pub mod depthwise;
 pub mod engine;
 pub mod fold;
 pub mod gemm;
+pub mod l2;
 pub mod norm;
 pub mod pass;
 pub mod simd;

@@ -48,27 +48,7 @@ impl TopK {
     }
 }
 
-/// Squared Euclidean distance.
-#[inline]
-pub(crate) fn sq_l2(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociation flags.
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            let d = x[j] - y[j];
-            acc[j] += d * d;
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        let d = x - y;
-        s += d * d;
-    }
-    s
-}
+pub(crate) use crate::cpu::l2::sq_l2;
 
 /// Below this many queries the search scans the DB directly, split across threads by DB rows;
 /// from it on, distances come from matrix products (‖x‖² − 2 q·x) over blocks of queries and rows.

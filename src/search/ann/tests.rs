@@ -1,0 +1,262 @@
+//! Tests of the HNSW index against exact search.
+use super::*;
+
+/// `n` rows of `dim` floats in 20 clusters, each a random 4-d patch plus a little noise (low intrinsic
+/// dimension, like real embeddings). The clusters depend on `dim` only; `seed` draws the points.
+fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let rng = |seed: u64| {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        }
+    };
+    let mut c = rng(77);
+    let centres: Vec<f32> = (0..20 * dim).map(|_| 4.0 * c()).collect();
+    let basis: Vec<f32> = (0..20 * 4 * dim).map(|_| c()).collect();
+    let mut r = rng(seed);
+    (0..n)
+        .flat_map(|i| {
+            let k = i % 20;
+            let z: Vec<f32> = (0..4).map(|_| 2.0 * r()).collect();
+            (0..dim)
+                .map(|j| {
+                    centres[k * dim + j]
+                        + (0..4)
+                            .map(|t| z[t] * basis[(k * 4 + t) * dim + j])
+                            .sum::<f32>()
+                        + 0.05 * r()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn brute(v: &[f32], dim: usize, q: &[f32], k: usize, ok: impl Fn(u32) -> bool) -> Vec<u32> {
+    let mut d: Vec<(f32, u32)> = v
+        .chunks_exact(dim)
+        .enumerate()
+        .filter(|(i, _)| ok(*i as u32))
+        .map(|(i, r)| (crate::cpu::l2::sq_l2(q, r), i as u32))
+        .collect();
+    d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    d.into_iter().take(k).map(|x| x.1).collect()
+}
+
+fn ids(h: &[Hit]) -> Vec<u32> {
+    h.iter().map(|x| x.id).collect()
+}
+
+const DIM: usize = 24;
+fn small() -> (Vec<f32>, Vec<f32>, Hnsw) {
+    let v = data(3000, DIM, 1);
+    let q = data(40, DIM, 2);
+    let h = Hnsw::build(
+        &v,
+        DIM,
+        &Params {
+            m: 8,
+            ef_construction: 100,
+            seed: 3,
+        },
+    );
+    (v, q, h)
+}
+
+#[test]
+fn high_ef_equals_exact() {
+    let (v, q, h) = small();
+    for qq in q.chunks_exact(DIM) {
+        assert_eq!(
+            ids(&h.search(&v, qq, 10, 400, None)),
+            brute(&v, DIM, qq, 10, |_| true)
+        );
+    }
+    let batch = h.search_batch(&v, &q, 10, 400, None);
+    assert_eq!(batch.len(), 40);
+    // Distances are squared L2 and sorted.
+    let r = &batch[0];
+    assert!(r.windows(2).all(|w| w[0].dist <= w[1].dist));
+    assert!(
+        (r[0].dist - crate::cpu::l2::sq_l2(&q[..DIM], &v[r[0].id as usize * DIM..][..DIM])).abs()
+            < 1e-3
+    );
+}
+
+#[test]
+fn deleted_never_returned() {
+    let (v, q, mut h) = small();
+    let first = ids(&h.search(&v, &q[..DIM], 10, 400, None));
+    for &i in &first[..5] {
+        assert!(h.remove(i));
+        assert!(!h.remove(i), "second remove is a no-op");
+    }
+    for i in (0..3000).step_by(3) {
+        h.remove(i);
+    }
+    assert_eq!(h.live(), 3000 - h.n_deleted);
+    for qq in q.chunks_exact(DIM) {
+        let got = ids(&h.search(&v, qq, 10, 400, None));
+        assert_eq!(got, brute(&v, DIM, qq, 10, |i| !h.is_deleted(i)));
+    }
+}
+
+#[test]
+fn filters_dense_and_selective() {
+    let (v, q, h) = small();
+    let even = |i: u32| i.is_multiple_of(2); // HNSW path
+    let rare = |i: u32| i % 97 == 5; // ~31 nodes: the exact scan path
+    for qq in q.chunks_exact(DIM) {
+        assert_eq!(
+            ids(&h.search(&v, qq, 10, 400, Some(&even))),
+            brute(&v, DIM, qq, 10, even)
+        );
+        assert_eq!(
+            ids(&h.search(&v, qq, 10, 64, Some(&rare))),
+            brute(&v, DIM, qq, 10, rare)
+        );
+    }
+    let none = |_: u32| false;
+    assert!(h.search(&v, &q[..DIM], 10, 64, Some(&none)).is_empty());
+    // A filter passing fewer than k nodes returns all of them.
+    let three = |i: u32| i < 3;
+    assert_eq!(h.search(&v, &q[..DIM], 10, 64, Some(&three)).len(), 3);
+}
+
+#[test]
+fn incremental_extend_matches_exact() {
+    let v = data(3000, DIM, 1);
+    let mut h = Hnsw::build(
+        &v[..1000 * DIM],
+        DIM,
+        &Params {
+            m: 8,
+            ef_construction: 100,
+            seed: 3,
+        },
+    );
+    h.take_touched();
+    h.extend(&v[..1050 * DIM]);
+    let t = h.take_touched();
+    assert!(
+        t.len() >= 50 && t.len() < 1000,
+        "an add of 50 touches few old nodes: {}",
+        t.len()
+    );
+    h.extend(&v);
+    assert_eq!(h.len(), 3000);
+    for qq in data(20, DIM, 9).chunks_exact(DIM) {
+        assert_eq!(
+            ids(&h.search(&v, qq, 10, 400, None)),
+            brute(&v, DIM, qq, 10, |_| true)
+        );
+    }
+}
+
+#[test]
+fn save_open_round_trip_and_extend_mapped() {
+    let (v, q, mut h) = small();
+    h.remove(7);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ann.hnsw");
+    h.save(&mut std::io::BufWriter::new(
+        std::fs::File::create(&p).unwrap(),
+    ))
+    .unwrap();
+    let mut o = Hnsw::open(&p).unwrap();
+    assert!(matches!(o.l0, Slots::Mapped { .. }));
+    assert_eq!((o.len(), o.dim(), o.live()), (3000, DIM, 2999));
+    for qq in q.chunks_exact(DIM) {
+        assert_eq!(
+            h.search(&v, qq, 10, 50, None),
+            o.search(&v, qq, 10, 50, None)
+        );
+    }
+    let more = [v.clone(), data(200, DIM, 5)].concat();
+    o.extend(&more);
+    assert_eq!(o.len(), 3200);
+    for qq in q.chunks_exact(DIM) {
+        assert_eq!(
+            ids(&o.search(&more, qq, 10, 400, None)),
+            brute(&more, DIM, qq, 10, |i| i != 7)
+        );
+    }
+}
+
+#[test]
+fn corrupt_files_are_errors_not_panics() {
+    let (v, q, h) = small();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ann.hnsw");
+    let mut good = vec![];
+    h.save(&mut good).unwrap();
+    let check = |bytes: &[u8]| {
+        std::fs::write(&p, bytes).unwrap();
+        // Either an error, or an index that searches without panicking.
+        if let Ok(o) = Hnsw::open(&p) {
+            let _ = o.search(&v, &q[..DIM], 10, 64, None);
+        }
+    };
+    std::fs::write(&p, &good[..good.len() - 4]).unwrap();
+    assert!(Hnsw::open(&p).is_err(), "truncated");
+    std::fs::write(&p, b"not an index").unwrap();
+    assert!(Hnsw::open(&p).is_err(), "garbage");
+    let mut b = good.clone();
+    b[12] ^= 1; // m, covered by the header checksum
+    std::fs::write(&p, &b).unwrap();
+    assert!(Hnsw::open(&p).is_err(), "header bit flip");
+    // A neighbour id out of range in the layer-0 array.
+    let mut b = good.clone();
+    let n = 3000usize;
+    let o_l0 = HEADER + n.div_ceil(8) * 8 + (4 * n).div_ceil(8) * 8 + 8 * n.div_ceil(64);
+    b[o_l0 + 4..o_l0 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = Hnsw::open(&p).err().expect("bad neighbour id");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    // Many single-byte flips all over the file.
+    let mut s = 12345u64;
+    for _ in 0..300 {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut b = good.clone();
+        let at = (s >> 33) as usize % b.len();
+        b[at] ^= 1 << ((s >> 20) % 8);
+        check(&b);
+    }
+}
+
+#[test]
+fn empty_and_tiny() {
+    let h = Hnsw::new(4, &Params::default());
+    assert!(h.search(&[], &[0.0; 4], 5, 10, None).is_empty());
+    let v = [0.0f32, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+    let h = Hnsw::build(&v, 4, &Params::default());
+    assert_eq!(ids(&h.search(&v, &[0.9; 4], 5, 10, None)), vec![1, 0]);
+}
+
+#[test]
+fn calibration_is_saved_and_picks_the_smallest_ef() {
+    let (v, _, mut h) = small();
+    h.calibrate(&v, 100);
+    assert_eq!(h.calibration.len(), build::EF_LADDER.len());
+    assert!(h.calibration.iter().all(|&(_, r)| (0.0..=1.0).contains(&r)));
+    // At the top of the ladder this small set is found exactly.
+    assert!(
+        h.calibration.last().unwrap().1 >= 0.99,
+        "{:?}",
+        h.calibration
+    );
+    let ef = h.ef_for_recall(0.9).expect("0.9 is reached");
+    let first = h.calibration.iter().find(|c| c.1 >= 0.9).unwrap().0 as usize;
+    assert_eq!(ef, first);
+    assert_eq!(h.ef_for_recall(1.01), None);
+    let mut b = vec![];
+    h.save(&mut b).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ann.hnsw");
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(Hnsw::open(&p).unwrap().calibration, h.calibration);
+}
