@@ -239,3 +239,94 @@ fn sigkill_at_random_moments_of_a_chunked_add_leaves_a_committed_prefix() {
         "kills landed at too few moments: {outcomes:?}"
     );
 }
+
+/// Every search through the DB's index (when it has one) equals the exact scan, each live row as a
+/// query.
+fn index_agrees_with_exact(db: &Path, what: &str) {
+    use deeprank::search::ann::db::{self as ann_db, Mode, Request, search};
+    let d = deeprank::store::db::Db::open(db).unwrap();
+    let ix = ann_db::open(&d).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let qs: Vec<f32> = d
+        .live_rows()
+        .flat_map(|r| d.vectors.row(r).to_vec())
+        .collect();
+    let run = |mode| {
+        let req = Request {
+            mode,
+            ..Request::default()
+        };
+        let (h, _) = search(&d, ix.as_ref(), &qs, 5, &req);
+        h.into_iter()
+            .map(|h| h.into_iter().map(|x| x.index).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(Mode::Ef(100)), run(Mode::Exact), "{what}");
+}
+
+#[test]
+fn kill_during_index_build_and_update_leaves_a_searchable_db() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "index",
+            &[
+                "index-written",
+                "state-written",
+                "state-renamed",
+                "index-committed",
+            ],
+        ),
+        // The add's own commit is the first state write; the index update's the second.
+        (
+            "add",
+            &[
+                "index-written",
+                "state-written:2",
+                "state-renamed:2",
+                "index-committed",
+            ],
+        ),
+    ];
+    for (op, points) in cases {
+        for point in points {
+            let what = format!("{op} killed at {point}");
+            let case = tmp.path().join(format!("{op}-{}", point.replace(':', "-")));
+            let (db, add_args) = prepare(&case, Op::Add);
+            let d = db.to_str().unwrap().to_string();
+            let index_args: Vec<String> = ["index", "--db", &d].map(String::from).to_vec();
+            let args = if op == "index" {
+                index_args.clone()
+            } else {
+                finish_ok(&index_args);
+                add_args
+            };
+            let out = deeprank(&args, Some(point)).wait_with_output().unwrap();
+            assert_eq!(out.status.signal(), Some(9), "{what}: not killed");
+            consistent(&db);
+            let st = deeprank::store::state::read(&db).unwrap().unwrap();
+            match &st.index {
+                Some(ix) => assert!(db.join(&ix.file).is_file(), "{what}: no {}", ix.file),
+                None => assert_eq!(op, "index", "{what}: the index is gone"),
+            }
+            index_agrees_with_exact(&db, &what);
+            // The next run finishes it: the index covers every row, one index file is left.
+            finish_ok(&args);
+            let st = deeprank::store::state::read(&db).unwrap().unwrap();
+            assert_eq!(st.index.as_ref().map(|i| i.rows), Some(st.rows), "{what}");
+            let files = std::fs::read_dir(&db)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".hnsw")
+                })
+                .count();
+            assert_eq!(files, 1, "{what}: stale index files");
+            assert!(consistent(&db).is_empty(), "{what}");
+            index_agrees_with_exact(&db, &format!("{what}, then finished"));
+            std::fs::remove_dir_all(&case).unwrap();
+        }
+    }
+}

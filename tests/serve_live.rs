@@ -339,3 +339,78 @@ fn searches_during_adds_only_see_whole_commits() {
     );
     assert!(answers.len() > 20);
 }
+
+/// The ids of a search response, and its generation.
+fn ids_of(v: &Value) -> Vec<u64> {
+    v["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results: {v}"))
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn serve_searches_through_the_index_with_filters_and_follows_its_updates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, db) = fresh(tmp.path());
+    let d = db.to_str().unwrap();
+    let (code, _, err) = common::cli(&["index", "--db", d]);
+    assert_eq!(code, 0, "{err}");
+    let ann = start(&db, &["--reload-ms", "100", "--ef", "40"]);
+    let exact = start(&db, &["--reload-ms", "100", "--exact"]);
+    let (_, st) = get(&format!("{}/api/stats", ann.base));
+    assert_eq!(st["index"]["rows"].as_u64(), Some(12), "{st}");
+    assert!(st["index_error"].is_null(), "{st}");
+    for id in [0, 5, 11] {
+        let url = |s: &Server| format!("{}/api/search?id={id}&top=8", s.base);
+        let (a, e) = (get(&url(&ann)).1, get(&url(&exact)).1);
+        assert_eq!(ids_of(&a), ids_of(&e), "id {id}");
+        assert!(!ids_of(&a).contains(&id));
+    }
+    // A class filter: only that class, the query itself left out.
+    let (code, v) = get(&format!(
+        "{}/api/search?id=0&top=8&where=class%3Dn01443537",
+        ann.base
+    ));
+    assert_eq!(code, 200, "{v}");
+    let got = v["results"].as_array().unwrap();
+    assert_eq!(got.len(), 3, "{v}");
+    assert!(got.iter().all(|h| h["class_id"] == "n01443537"), "{v}");
+    let (code, v) = get(&format!("{}/api/search?id=0&where=size%3Dbig", ann.base));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("class="), "{v}");
+    // An add folds its rows into the index; the server reloads and finds them.
+    let new = tmp.path().join("new.png");
+    png(&new, 77);
+    let (code, _, err) = common::cli(&["add", "--db", d, new.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ANN index updated"), "{err}");
+    wait_for("the server sees the updated index", || {
+        get(&format!("{}/api/stats", ann.base)).1["index"]["rows"].as_u64() == Some(13)
+    });
+    let (a, e) = (
+        get(&format!("{}/api/search?id=12&top=5", ann.base)).1,
+        get(&format!("{}/api/search?id=12&top=5", exact.base)).1,
+    );
+    assert_eq!(ids_of(&a), ids_of(&e));
+    // A damaged index: the server says so and searches exactly.
+    let file = db.join(Db::open(&db).unwrap().state.index.unwrap().file);
+    std::fs::write(&file, b"damaged").unwrap();
+    let s = start(&db, &[]);
+    let (_, st) = get(&format!("{}/api/stats", s.base));
+    assert!(st["index"].is_null(), "{st}");
+    assert!(
+        st["index_error"]
+            .as_str()
+            .unwrap()
+            .contains("damaged ANN index"),
+        "{st}"
+    );
+    let (code, v) = get(&format!("{}/api/search?id=3&top=5", s.base));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        ids_of(&v),
+        ids_of(&get(&format!("{}/api/search?id=3&top=5", exact.base)).1)
+    );
+}

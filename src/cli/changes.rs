@@ -2,9 +2,11 @@
 //! calls `deeprank::store` and prints what it did.
 
 use anyhow::{Result, bail};
+use deeprank::search::ann::db as ann_db;
 use deeprank::search::query;
 use deeprank::store::changes::{self, Options, Report};
 use deeprank::store::check::check as check_db;
+use deeprank::store::db::Db;
 use deeprank::store::db::escape_path;
 use std::path::{Path, PathBuf};
 
@@ -166,37 +168,53 @@ fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
 pub fn add(a: AddArgs) -> Result<()> {
     let opts = a.embed.options()?;
     let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
+    let had = super::index::before_change(&a.db);
     let rep = changes::add(&a.db, &a.paths, &opts, &mut |db| {
         query::embedder_for_db(db, model.as_deref(), weights.as_deref())
     })?;
-    print(&rep, a.embed.json, "add")
+    print(&rep, a.embed.json, "add")?;
+    super::index::after_change(&a.db, had);
+    Ok(())
 }
 
 /// `deeprank remove`.
 pub fn remove(a: RemoveArgs) -> Result<()> {
+    let had = super::index::before_change(&a.db);
     let rep = changes::remove(&a.db, &a.targets)?;
-    print(&rep, a.json, "remove")
+    print(&rep, a.json, "remove")?;
+    super::index::after_change(&a.db, had);
+    Ok(())
 }
 
 /// `deeprank sync`.
 pub fn sync(a: SyncArgs) -> Result<()> {
     let opts = a.embed.options()?;
     let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
+    let had = super::index::before_change(&a.db);
     let rep = changes::sync(&a.db, &a.data, &opts, &mut |db| {
         query::embedder_for_db(db, model.as_deref(), weights.as_deref())
     })?;
-    print(&rep, a.embed.json, "sync")
+    print(&rep, a.embed.json, "sync")?;
+    super::index::after_change(&a.db, had);
+    Ok(())
 }
 
 /// `deeprank compact`.
 pub fn compact(a: DbArgs) -> Result<()> {
+    let had = super::index::before_change(&a.db);
     let rep = changes::compact(&a.db)?;
-    print(&rep, a.json, "compact")
+    print(&rep, a.json, "compact")?;
+    super::index::after_change(&a.db, had);
+    Ok(())
 }
 
 /// `deeprank check`: exits with an error when the DB is damaged.
 pub fn check(a: DbArgs) -> Result<()> {
-    let rep = check_db(&a.db)?;
+    let mut rep = check_db(&a.db)?;
+    // The index graph itself (the store checks only that its file is there).
+    if let Err(e) = Db::open(&a.db).and_then(|db| ann_db::open(&db)) {
+        rep.problems.push(format!("{e:#}"));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

@@ -14,6 +14,7 @@ use deeprank::demo;
 use deeprank::infer::embedder::{Embedder, ModelSpec};
 use deeprank::model::weights as lite0_weights;
 use deeprank::render::grid;
+use deeprank::search::ann::db as ann_db;
 use deeprank::search::{eval, query};
 use deeprank::store::build::embed_collection;
 use deeprank::store::db::Db;
@@ -137,10 +138,21 @@ pub fn query(a: QueryArgs) -> Result<()> {
         grid: grid_out,
         model,
         weights,
+        search,
+        wheres,
     } = a;
     let db = Db::open(&db)?;
     let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
-    let results = query::query(&db, &emb, &images, top)?;
+    let (mode, index) = search.open(&db)?;
+    let wheres = super::index::wheres(&wheres)?;
+    let mask = (!wheres.is_empty()).then(|| ann_db::mask(&db, &wheres));
+    let req = ann_db::Request {
+        mode,
+        mask: mask.as_deref(),
+        exclude: None,
+    };
+    let (results, plan) = query::query_with(&db, index.as_ref(), &req, &emb, &images, top)?;
+    super::index::say_plan(plan);
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -191,7 +203,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .map_err(|e| e.context("eval needs labelled query images"))?;
     eprintln!("queries: {}", ds.summary());
     let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
-    let rep = eval::evaluate(&emb, &db, &ds, &ks, a.batch)?;
+    let (mode, index) = a.search.open(&db)?;
+    let wheres = super::index::wheres(&a.wheres)?;
+    let mask = (!wheres.is_empty()).then(|| ann_db::mask(&db, &wheres));
+    let req = ann_db::Request {
+        mode,
+        mask: mask.as_deref(),
+        exclude: None,
+    };
+    let (rep, plan) = eval::evaluate_with(&emb, &db, &ds, &ks, a.batch, index.as_ref(), &req)?;
+    super::index::say_plan(plan);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -238,6 +259,7 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         writable,
         api_key,
         reload_ms,
+        search,
     } = a;
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
         bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
@@ -256,6 +278,7 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         writable,
         api_key: api_key.or_else(|| std::env::var("DEEPRANK_API_KEY").ok()),
         reload_every: std::time::Duration::from_millis(reload_ms),
+        search: search.mode()?,
         ..defaults
     };
     deeprank::serve::serve(db, emb, opts)?;

@@ -5,6 +5,7 @@ mod changes;
 mod commands;
 mod duplicates;
 pub mod globals;
+mod index;
 mod train;
 
 use anyhow::Result;
@@ -58,6 +59,8 @@ pub enum Cmd {
     Train(Box<TrainArgs>),
     /// ImageNet top-1 of the pretrained classifier on a labelled set, restricted to its classes.
     Classify(ClassifyArgs),
+    /// Builds the DB's ANN index (HNSW) so query, eval and serve answer without scanning every row.
+    Index(index::IndexArgs),
     /// Lists groups of near-identical images of a DB (TSV, JSON, a picture per group).
     Duplicates(duplicates::DuplicatesArgs),
 }
@@ -171,6 +174,11 @@ pub struct QueryArgs {
     model: Option<String>,
     #[arg(long)]
     weights: Option<PathBuf>,
+    #[command(flatten)]
+    search: index::SearchFlags,
+    /// Only rows matching: class=CLASS_ID or path=PREFIX (of the stored path); repeat to combine.
+    #[arg(long = "where", value_name = "class=ID|path=PREFIX")]
+    wheres: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -199,6 +207,11 @@ pub struct EvalArgs {
     model: Option<String>,
     #[arg(long)]
     weights: Option<PathBuf>,
+    #[command(flatten)]
+    search: index::SearchFlags,
+    /// Only rows matching: class=CLASS_ID or path=PREFIX (of the stored path); repeat to combine.
+    #[arg(long = "where", value_name = "class=ID|path=PREFIX")]
+    wheres: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -237,6 +250,8 @@ pub struct ServeArgs {
     /// Milliseconds between checks of the DB's commit record for changes (0: only POST /api/reload).
     #[arg(long, default_value_t = 1000)]
     reload_ms: u64,
+    #[command(flatten)]
+    search: index::SearchFlags,
 }
 
 #[derive(clap::Args)]
@@ -299,5 +314,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train::run(&a),
         Cmd::Classify(a) => commands::classify(a),
         Cmd::Duplicates(a) => duplicates::run(a),
+        Cmd::Index(a) => index::index(a),
     }
 }

@@ -8,6 +8,7 @@ use crate::infer::embedder::Embedder;
 use crate::infer::stream::embed_stream;
 use crate::model::lite0::NUM_CLASSES;
 use crate::progress::progress;
+use crate::search::ann::db::{self as ann_db, DbIndex, Plan, Request};
 use crate::search::index::{Hit, search};
 use crate::store::db::Db;
 use anyhow::{Context, Result, bail};
@@ -118,6 +119,33 @@ pub fn evaluate_vectors(
     qpaths: &[PathBuf],
     ks: &[usize],
 ) -> (Metrics, usize) {
+    let exact = |qv: &[f32], k: usize, selfs: &[Option<usize>]| {
+        search(db_vecs, dim, qv, k, &|q, i| {
+            selfs[q] == Some(i) || removed(i)
+        })
+    };
+    score(
+        dim, removed, db_class, db_paths, qvecs, qclass, qpaths, ks, &exact,
+    )
+}
+
+/// Top-`k` rows for each query (rows of the first argument), each query's row of the third
+/// argument left out.
+type SearchFn<'a> = &'a dyn Fn(&[f32], usize, &[Option<usize>]) -> Vec<Vec<Hit>>;
+
+/// [`evaluate_vectors`] with the search given (the exact scan, or a DB's index).
+#[allow(clippy::too_many_arguments)]
+fn score(
+    dim: usize,
+    removed: &(dyn Fn(usize) -> bool + Sync),
+    db_class: &[String],
+    db_paths: &[PathBuf],
+    qvecs: &[f32],
+    qclass: &[String],
+    qpaths: &[PathBuf],
+    ks: &[usize],
+    search: SearchFn,
+) -> (Metrics, usize) {
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let db_labels: Vec<usize> = db_class
         .iter()
@@ -171,9 +199,7 @@ pub fn evaluate_vectors(
     for &q in &keep {
         qv.extend_from_slice(&qvecs[q * dim..(q + 1) * dim]);
     }
-    let hits = search(db_vecs, dim, &qv, kmax, &|q, i| {
-        selfs[q] == Some(i) || removed(i)
-    });
+    let hits = search(&qv, kmax, &selfs);
     let m = metrics_from_hits(&hits, |q, i| db_labels[i] == labels[q], &r, ks);
     (m, missing)
 }
@@ -206,7 +232,7 @@ pub fn embed_queries(emb: &Embedder, ds: &Dataset, batch: usize) -> Result<Query
     })
 }
 
-/// `deeprank eval`: embeds the query set with the DB's model and scores it.
+/// `deeprank eval` by the exact scan: embeds the query set with the DB's model and scores it.
 pub fn evaluate(
     emb: &Embedder,
     db: &Db,
@@ -214,6 +240,24 @@ pub fn evaluate(
     ks: &[usize],
     batch: usize,
 ) -> Result<EvalReport> {
+    let exact = Request {
+        mode: ann_db::Mode::Exact,
+        ..Request::default()
+    };
+    Ok(evaluate_with(emb, db, queries, ks, batch, None, &exact)?.0)
+}
+
+/// `deeprank eval`: embeds the query set with the DB's model and scores it against the rows `req`
+/// allows (R counts only those), through `index` when there is one and `req.mode` asks for it.
+pub fn evaluate_with(
+    emb: &Embedder,
+    db: &Db,
+    queries: &Dataset,
+    ks: &[usize],
+    batch: usize,
+    index: Option<&DbIndex>,
+    req: &Request,
+) -> Result<(EvalReport, Plan)> {
     crate::search::query::check_compatible(db, emb)?;
     if !db.is_labelled() {
         bail!(
@@ -225,16 +269,26 @@ pub fn evaluate(
     let qs = embed_queries(emb, queries, batch)?;
     let db_class: Vec<String> = db.entries.iter().map(|e| e.class_id.clone()).collect();
     let db_paths: Vec<PathBuf> = db.entries.iter().map(|e| e.path.clone()).collect();
-    let (metrics, missing) = evaluate_vectors(
-        db.vectors.data(),
+    let plan = std::cell::Cell::new(Plan::Exact);
+    let by_db = |qv: &[f32], k: usize, selfs: &[Option<usize>]| {
+        let r = Request {
+            exclude: Some(selfs),
+            ..*req
+        };
+        let (hits, p) = ann_db::search(db, index, qv, k, &r);
+        plan.set(p);
+        hits
+    };
+    let (metrics, missing) = score(
         db.meta.dim,
-        &|i| db.is_removed(i),
+        &|i| req.mask.map_or(db.is_removed(i), |m| !m[i]),
         &db_class,
         &db_paths,
         &qs.vectors,
         &qs.classes,
         &qs.paths,
         ks,
+        &by_db,
     );
     if metrics.queries == 0 {
         bail!(
@@ -243,7 +297,7 @@ pub fn evaluate(
             db.dir.display()
         );
     }
-    Ok(EvalReport {
+    let report = EvalReport {
         metrics,
         db_size: db.len(),
         model: db.meta.model.clone(),
@@ -251,7 +305,8 @@ pub fn evaluate(
         queries_without_class_in_db: missing,
         skipped_images: qs.skipped.len(),
         seconds: t0.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((report, plan.get()))
 }
 
 /// Result of the ImageNet classification check.

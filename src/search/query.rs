@@ -2,7 +2,7 @@
 
 use crate::infer::embedder::{Embedder, ModelSpec};
 use crate::render::grid::{Grid, GridRow, Mark};
-use crate::search::index::search;
+use crate::search::ann::db::{self as ann_db, DbIndex, Plan, Request};
 use crate::store::db::Db;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -137,21 +137,33 @@ pub fn guess_class(path: &Path, known: &HashSet<&str>) -> Option<String> {
     None
 }
 
-/// Ranks the DB's live rows for each query vector.
+/// Ranks the DB's live rows for each query vector by the exact scan.
 pub fn rank(
     db: &Db,
     qvecs: &[f32],
     qclasses: &[Option<String>],
     top: usize,
 ) -> Vec<Vec<ResultRow>> {
-    let hits = search(
-        db.vectors.data(),
-        db.meta.dim,
-        qvecs,
-        top.min(db.len()),
-        &|_, i| db.is_removed(i),
-    );
-    hits.into_iter()
+    let exact = Request {
+        mode: ann_db::Mode::Exact,
+        ..Request::default()
+    };
+    rank_with(db, None, &exact, qvecs, qclasses, top).0
+}
+
+/// Ranks the rows `req` allows for each query vector, through `index` when there is one and
+/// `req.mode` asks for it; says which path it took.
+pub fn rank_with(
+    db: &Db,
+    index: Option<&DbIndex>,
+    req: &Request,
+    qvecs: &[f32],
+    qclasses: &[Option<String>],
+    top: usize,
+) -> (Vec<Vec<ResultRow>>, Plan) {
+    let (hits, plan) = ann_db::search(db, index, qvecs, top.min(db.len()), req);
+    let rows = hits
+        .into_iter()
         .zip(qclasses)
         .map(|(hs, qc)| {
             hs.into_iter()
@@ -173,11 +185,29 @@ pub fn rank(
                 })
                 .collect()
         })
-        .collect()
+        .collect();
+    (rows, plan)
 }
 
-/// `deeprank query`: the top `top` DB images for each query image.
+/// `deeprank query` by the exact scan: the top `top` DB images for each query image.
 pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<Vec<QueryResult>> {
+    let exact = Request {
+        mode: ann_db::Mode::Exact,
+        ..Request::default()
+    };
+    Ok(query_with(db, None, &exact, emb, images, top)?.0)
+}
+
+/// `deeprank query`: the top `top` rows `req` allows for each query image, through `index` when
+/// there is one and `req.mode` asks for it.
+pub fn query_with(
+    db: &Db,
+    index: Option<&DbIndex>,
+    req: &Request,
+    emb: &Embedder,
+    images: &[PathBuf],
+    top: usize,
+) -> Result<(Vec<QueryResult>, Plan)> {
     if top == 0 {
         bail!("--top must be at least 1");
     }
@@ -199,8 +229,8 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
         .filter_map(|r| db.entries[r].class())
         .collect();
     let classes: Vec<Option<String>> = images.iter().map(|p| guess_class(p, &known)).collect();
-    let ranked = rank(db, &flat, &classes, top);
-    Ok(images
+    let (ranked, plan) = rank_with(db, index, req, &flat, &classes, top);
+    let results = images
         .iter()
         .zip(classes)
         .zip(ranked)
@@ -215,5 +245,6 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
             class_id: c,
             results,
         })
-        .collect())
+        .collect();
+    Ok((results, plan))
 }

@@ -4,6 +4,8 @@
 //! starts and keeps it to the end, so it sees one commit whole, never a half-written row.
 
 use crate::infer::embedder::Embedder;
+use crate::search::ann::db::{self as ann_db, DbIndex, Mode, Request, Where};
+use crate::search::query::{self, ResultRow};
 use crate::store::db::Db;
 use crate::store::state;
 use anyhow::{Context, Result, bail};
@@ -11,16 +13,56 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-/// One opened generation of the DB and what the page shows of it.
+/// One opened generation of the DB, its ANN index, and what the page shows of it.
 pub(super) struct View {
     pub(super) db: Db,
     pub(super) classes: usize,
+    pub(super) index: Option<DbIndex>,
+    /// Why the commit's index could not be opened (searches then scan exactly).
+    pub(super) index_error: Option<String>,
 }
 
 impl View {
     fn new(db: Db) -> View {
         let classes = db.class_count();
-        View { db, classes }
+        let (index, index_error) = match ann_db::open(&db) {
+            Ok(ix) => (ix, None),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                eprintln!("note: searching exactly: {msg}");
+                (None, Some(msg))
+            }
+        };
+        View {
+            db,
+            classes,
+            index,
+            index_error,
+        }
+    }
+
+    /// The top `top` rows for the query vector `q` among those `wheres` allow (`exclude`: a row
+    /// left out, the query's own), through the index when there is one and `mode` asks for it.
+    pub(super) fn rank(
+        &self,
+        mode: Mode,
+        wheres: &[Where],
+        q: &[f32],
+        class: Option<String>,
+        top: usize,
+        exclude: Option<usize>,
+    ) -> Vec<ResultRow> {
+        let mask = (!wheres.is_empty()).then(|| ann_db::mask(&self.db, wheres));
+        let exclude = [exclude];
+        let req = Request {
+            mode,
+            mask: mask.as_deref(),
+            exclude: Some(&exclude),
+        };
+        query::rank_with(&self.db, self.index.as_ref(), &req, q, &[class], top)
+            .0
+            .pop()
+            .unwrap_or_default()
     }
 }
 

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// How often the DB's commit record is polled for changes (zero: never; `POST /api/reload`).
     pub reload_every: Duration,
+    /// How searches use the DB's ANN index (`--ef`, `--recall`, `--exact`).
+    pub search: crate::search::ann::db::Mode,
 }
 
 impl ServeOptions {
@@ -72,6 +74,7 @@ impl Default for ServeOptions {
             writable: false,
             api_key: None,
             reload_every: Duration::from_secs(1),
+            search: Default::default(),
         }
     }
 }

@@ -4,7 +4,8 @@
 #![allow(clippy::result_large_err)]
 
 use crate::data::transform::{self, ImageError};
-use crate::search::query::{self, ResultRow};
+use crate::search::ann::db::Where;
+use crate::search::query::ResultRow;
 use crate::serve::limits::{Admission, image_error, upload_bytes};
 use crate::serve::live::LiveDb;
 use crate::serve::upload;
@@ -87,6 +88,9 @@ pub(super) fn err(status: StatusCode, msg: impl Into<String>) -> Response {
 struct SearchParams {
     top: Option<String>,
     id: Option<String>,
+    /// `class=CLASS_ID` or `path=PREFIX`: only rows matching.
+    #[serde(rename = "where")]
+    wheres: Option<String>,
 }
 
 /// The query string, or the JSON error every other refusal uses.
@@ -97,6 +101,15 @@ fn params(q: Result<Query<SearchParams>, QueryRejection>) -> Result<SearchParams
             format!("bad query string: {}", e.body_text()),
         )
     })
+}
+
+/// The `where` condition, parsed (a bad one is a 400 saying what is expected).
+fn wheres(p: &SearchParams) -> Result<Vec<Where>, Response> {
+    p.wheres
+        .as_deref()
+        .map(|w| Where::parse(w).map_err(|e| err(StatusCode::BAD_REQUEST, format!("{e:#}"))))
+        .transpose()
+        .map(|w| w.into_iter().collect())
 }
 
 impl AppState {
@@ -148,6 +161,12 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "in_flight": s.inflight.load(Ordering::Relaxed),
         "admission_limit": s.opts.admission_limit(),
         "runtime_threads": tokio::runtime::Handle::current().metrics().num_workers(),
+        "index": v.index.as_ref().map(|ix| serde_json::json!({
+            "file": ix.path.file_name().map(|n| n.to_string_lossy().to_string()),
+            "rows": ix.rows,
+            "tail_rows": v.db.rows() - ix.rows,
+        })),
+        "index_error": v.index_error,
     }))
 }
 
@@ -199,6 +218,10 @@ async fn search_by_id(
         Ok(t) => t,
         Err(r) => return client_error(&s, r),
     };
+    let wheres = match wheres(&p) {
+        Ok(w) => w,
+        Err(r) => return client_error(&s, r),
+    };
     let Some(id_text) = p.id.as_deref() else {
         return client_error(
             &s,
@@ -228,17 +251,13 @@ async fn search_by_id(
     let id = db.ids[row];
     let t0 = Instant::now();
     let v = view.clone();
+    let mode = s.opts.search;
     let rows = tokio::task::spawn_blocking(move || {
         let db = &v.db;
         let e = &db.entries[row];
-        let q = db.vectors.row(row).to_vec();
+        let q = db.vectors.row(row);
         let class = e.class().map(str::to_string);
-        let mut rows = query::rank(db, &q, &[class], top + 1)
-            .pop()
-            .unwrap_or_default();
-        rows.retain(|r| r.id != id);
-        rows.truncate(top);
-        rows
+        v.rank(mode, &wheres, q, class, top, Some(row))
     })
     .await;
     let Ok(rows) = rows else {
@@ -280,6 +299,10 @@ async fn search_upload(
         Ok(t) => t,
         Err(r) => return client_error(&s, r),
     };
+    let wheres = match wheres(&p) {
+        Ok(w) => w,
+        Err(r) => return client_error(&s, r),
+    };
     // Admission before any work: a full server answers 503 without reading or decoding.
     if s.inflight.fetch_add(1, Ordering::AcqRel) >= s.opts.admission_limit() {
         s.inflight.fetch_sub(1, Ordering::AcqRel);
@@ -297,7 +320,7 @@ async fn search_upload(
     let (tx, rx) = oneshot::channel();
     if let Err(r) = s.submit(Job {
         input,
-        reply: Reply::Search { top, tx },
+        reply: Reply::Search { top, wheres, tx },
     }) {
         return r;
     }

@@ -1,7 +1,8 @@
 //! The embedding worker: uploads that arrive together are embedded in one batch, then ranked.
 
 use crate::infer::embedder::Embedder;
-use crate::search::query::{self, ResultRow};
+use crate::search::ann::db::Where;
+use crate::search::query::ResultRow;
 use crate::serve::ServeOptions;
 use crate::serve::live::LiveDb;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub(super) struct Ranked {
 pub(super) enum Reply {
     Search {
         top: usize,
+        wheres: Vec<Where>,
         tx: oneshot::Sender<Result<Ranked, String>>,
     },
     Vector(oneshot::Sender<Result<Vec<f32>, String>>),
@@ -86,10 +88,8 @@ pub(super) fn worker(
                 let view = live.get();
                 for (j, v) in jobs.into_iter().zip(vecs.chunks_exact(emb.dim)) {
                     match j.reply {
-                        Reply::Search { top, tx } => {
-                            let rows = query::rank(&view.db, v, &[None], top)
-                                .pop()
-                                .unwrap_or_default();
+                        Reply::Search { top, wheres, tx } => {
+                            let rows = view.rank(opts.search, &wheres, v, None, top, None);
                             let _ = tx.send(Ok(Ranked {
                                 generation: view.db.state.generation,
                                 rows,

@@ -83,6 +83,26 @@ pub fn check(dir: &Path) -> Result<CheckReport> {
                 st.rows
             ));
         }
+        if let Some(ix) = &st.index {
+            if ix.rows > st.rows {
+                rep.problems.push(format!(
+                    "the ANN index {} claims {} rows, the DB has {}",
+                    ix.file, ix.rows, st.rows
+                ));
+            }
+            if let Some(Err(e)) = db.index.as_ref().map(|m| &m.map) {
+                rep.problems.push(e.clone());
+            }
+        }
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let named = st.index.as_ref().is_some_and(|i| i.file == name);
+            if name.starts_with("ann-") && name.ends_with(".hnsw") && !named {
+                rep.notes.push(format!(
+                    "{name} is an ANN index file no commit names (left by an interrupted index update)"
+                ));
+            }
+        }
         for stray in [state::STATE_TMP, "vectors.npy.new", "manifest.tsv.new"] {
             if dir.join(stray).exists() && st.pending.iter().all(|(a, _)| a != stray) {
                 rep.notes

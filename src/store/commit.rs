@@ -17,6 +17,26 @@ use std::path::{Path, PathBuf};
 
 pub const LOCK: &str = ".lock";
 
+/// ANN index files are `ann-GENERATION.hnsw`, GENERATION the one of the commit that names it.
+const INDEX_PREFIX: &str = "ann-";
+const INDEX_SUFFIX: &str = ".hnsw";
+
+/// Deletes index files that the committed state does not name (left by a crash before or after a
+/// commit that replaced the index, or by a compaction). Returns how many.
+fn remove_stale_indexes(dir: &Path, keep: Option<&str>) -> Result<usize> {
+    let mut n = 0;
+    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for e in rd {
+        let name = e?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(INDEX_PREFIX) && name.ends_with(INDEX_SUFFIX) && Some(name) != keep {
+            remove_if_exists(&dir.join(name))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Files a compaction or an upgrade writes before it commits (`NAME.new` → `NAME`).
 const NEW: [(&str, &str); 4] = [
     ("vectors.npy.new", VECTORS),
@@ -48,6 +68,8 @@ pub struct Repair {
     pub renames: usize,
     /// The DB was format 1 and is now format 2.
     pub upgraded: bool,
+    /// ANN index files no commit names, deleted.
+    pub stale_indexes: usize,
 }
 
 /// The one writer of a DB: holds its lock and the current committed view.
@@ -168,6 +190,8 @@ impl Writer {
                     remove_if_exists(&dir.join(new))?;
                 }
                 remove_if_exists(&dir.join(STATE_TMP))?;
+                repair.stale_indexes =
+                    remove_stale_indexes(dir, st.index.as_ref().map(|i| i.file.as_str()))?;
                 Db::open(dir)?
             }
         };
@@ -283,6 +307,67 @@ impl Writer {
         Ok(ids)
     }
 
+    /// The name the next index file gets: unique, since generations only grow (a file of that
+    /// name left by a crash is not committed, and is overwritten).
+    pub fn new_index_name(&self) -> String {
+        format!(
+            "{INDEX_PREFIX}{}{INDEX_SUFFIX}",
+            self.db.state.generation + 1
+        )
+    }
+
+    /// Writes a new index file `name` (from [`Writer::new_index_name`]) whole: `write` fills it,
+    /// then it is fsynced with its folder. Nothing names it until [`Writer::commit_index`].
+    pub fn write_index_file(
+        &self,
+        name: &str,
+        write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        let path = self.dir.join(name);
+        let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        write(&mut w)
+            .and_then(|_| w.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        let len = f.metadata()?.len();
+        drop(f);
+        state::sync_dir(&self.dir)?;
+        crash::point("index-written");
+        Ok(len)
+    }
+
+    /// Commits `index` (a file written by [`Writer::write_index_file`], over the first `rows`
+    /// rows; or none) as the DB's ANN index, then deletes the index file it replaces.
+    pub fn commit_index(&mut self, index: Option<crate::store::state::IndexRef>) -> Result<()> {
+        if let Some(ix) = &index
+            && ix.rows > self.db.state.rows
+        {
+            bail!(
+                "an index over {} rows cannot be committed to {}, which has {}",
+                ix.rows,
+                self.dir.display(),
+                self.db.state.rows
+            );
+        }
+        let st = State {
+            generation: self.db.state.generation + 1,
+            index,
+            ..self.db.state.clone()
+        };
+        state::commit(&self.dir, &st)?;
+        crash::point("index-committed");
+        self.db.index = st
+            .index
+            .as_ref()
+            .map(|ix| crate::store::db::IndexMap::open(&self.dir, &ix.file, ix.rows as usize));
+        let keep = st.index.as_ref().map(|i| i.file.clone());
+        self.db.state = st;
+        remove_stale_indexes(&self.dir, keep.as_deref())?;
+        Ok(())
+    }
+
     /// Rewrites the live rows into new files (ids kept) and swaps them in. Returns the rows dropped.
     pub fn compact(&mut self) -> Result<usize> {
         let db = &self.db;
@@ -313,6 +398,7 @@ impl Writer {
             ..db.state.clone()
         };
         self.commit_with_renames(st)?;
+        remove_stale_indexes(&self.dir, None)?;
         Ok(dropped)
     }
 

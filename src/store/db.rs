@@ -203,6 +203,40 @@ impl Drop for DbWriter {
     }
 }
 
+/// The ANN index file a commit names (`state.index`), memory-mapped when the DB was opened, between
+/// the two reads of `state.json` that make an open consistent: the map is always of the index of the
+/// commit this view is of. `search::ann` reads the graph from it; an index file that cannot be
+/// opened is kept as its error, so searches that do not need the index (`--exact`) still work.
+pub struct IndexMap {
+    pub path: PathBuf,
+    /// The index covers rows `0..rows`; later rows are searched exactly.
+    pub rows: usize,
+    pub map: std::result::Result<std::sync::Arc<memmap2::Mmap>, String>,
+}
+
+impl IndexMap {
+    /// Maps `dir/file` (a name in the DB folder, as `state.json` records it).
+    pub fn open(dir: &Path, file: &str, rows: usize) -> IndexMap {
+        let path = dir.join(file);
+        let map = if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+            Err(format!(
+                "{} names the index file {file:?}, which is not a file name in the DB folder",
+                dir.join(state::STATE).display()
+            ))
+        } else {
+            File::open(&path)
+                .and_then(|f| {
+                    // SAFETY: index files are written whole under a new name, committed, and never
+                    // changed in place (an update writes another file).
+                    unsafe { memmap2::Mmap::map(&f) }
+                })
+                .map(std::sync::Arc::new)
+                .map_err(|e| format!("cannot open the ANN index {}: {e}", path.display()))
+        };
+        IndexMap { path, rows, map }
+    }
+}
+
 /// An opened DB: the committed rows as of one generation. Removed rows are still rows (until a
 /// compaction) but are never returned: search through [`Db::is_removed`], count with [`Db::len`].
 pub struct Db {
@@ -216,6 +250,8 @@ pub struct Db {
     removed: Vec<bool>,
     /// The commit this view is of (generation 0 for a DB written before format 2).
     pub state: State,
+    /// The commit's ANN index file, mapped (none when the commit names none).
+    pub index: Option<IndexMap>,
 }
 
 /// How often an open retries when writers keep committing while it reads.
@@ -289,6 +325,7 @@ impl Db {
             ids: rows.ids,
             stamps: rows.stamps,
             vectors,
+            index: None,
             state: State {
                 format: 1,
                 generation: 0,
@@ -355,7 +392,12 @@ impl Db {
         }
         let vectors = NpyMap::open_prefix(&st.resolve(dir, VECTORS), n, meta.dim)?;
         meta.count = live as usize;
+        let index = st
+            .index
+            .as_ref()
+            .map(|ix| IndexMap::open(dir, &ix.file, ix.rows as usize));
         Ok(Db {
+            index,
             dir: dir.to_path_buf(),
             meta,
             entries: rows.entries,

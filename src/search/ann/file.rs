@@ -71,6 +71,25 @@ impl Hnsw {
         Hnsw::from_map(Arc::new(map), path)
     }
 
+    /// The build parameters in a saved index's header (its checksum checked), without opening the
+    /// graph.
+    pub fn read_params(path: &Path) -> io::Result<Params> {
+        let mut h = [0u8; HEADER];
+        std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut h)?;
+        let u32at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap()) as usize;
+        if &h[..8] != MAGIC || u64::from_le_bytes(h[56..64].try_into().unwrap()) != fnv(&h[..56]) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is a damaged ANN index (header)", path.display()),
+            ));
+        }
+        Ok(Params {
+            m: u32at(12),
+            ef_construction: u32at(16),
+            seed: u64::from_le_bytes(h[48..56].try_into().unwrap()),
+        })
+    }
+
     /// An index searched straight from `map` (a saved index file; `path` names it in errors). The
     /// structure is checked here — every level, offset, count and neighbour id — so a damaged file
     /// is an error naming it, never a panic or an out-of-bounds read later.

@@ -21,10 +21,12 @@ use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 mod build;
+pub mod db;
 
 mod file;
 #[cfg(test)]
 mod tests;
+pub mod update;
 
 #[inline(always)]
 fn prefetch_u32(s: &[AtomicU32]) {

@@ -1,0 +1,425 @@
+//! The ANN index of a DB (`deeprank index`, `search::ann`): results equal the exact scan's at a
+//! high ef; removed rows never come back; rows added after the build are found (scanned exactly,
+//! then inserted); filters equal exact filtered results with and without the index; compaction
+//! drops the index and the next change rebuilds it; a damaged index file is an error naming it
+//! while `--exact` still answers; the CLI's flags.
+
+mod common;
+
+use deeprank::search::ann::Params;
+use deeprank::search::ann::db::{self as ann_db, Mode, Plan, Request, Where};
+use deeprank::search::ann::update;
+use deeprank::store::changes;
+use deeprank::store::commit::{Change, NewRow, Wait, Writer};
+use deeprank::store::db::{Db, DbWriter, Entry, Meta};
+use deeprank::store::manifest::Stamp;
+use std::path::{Path, PathBuf};
+
+const DIM: usize = 16;
+const CLASSES: usize = 20;
+
+/// xorshift numbers in [-0.5, 0.5).
+fn rng(seed: u64) -> impl FnMut() -> f32 {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// Row `i` of a clustered set: cluster `i % CLASSES` (a random centre) plus noise.
+fn vector(i: usize, seed: u64) -> Vec<f32> {
+    let mut c = rng(1000 + (i % CLASSES) as u64);
+    let mut r = rng(seed * 1_000_003 + i as u64);
+    (0..DIM).map(|_| 3.0 * c() + r()).collect()
+}
+
+fn entry(dir: &Path, i: usize) -> Entry {
+    let sub = if i.is_multiple_of(2) { "even" } else { "odd" };
+    Entry {
+        path: dir.join(sub).join(format!("img-{i}.jpg")),
+        class_id: format!("c{}", i % CLASSES),
+        class_name: format!("class {}", i % CLASSES),
+    }
+}
+
+/// A DB of `n` clustered synthetic rows (no model): classes `c0..c19`, paths `dir/{even,odd}/img-i.jpg`.
+fn synthetic(dir: &Path, n: usize) -> PathBuf {
+    let db = dir.join("db");
+    let mut w = DbWriter::create(&db, DIM, None).unwrap();
+    for i in 0..n {
+        w.push(&entry(dir, i), &vector(i, 1)).unwrap();
+    }
+    w.finish(Meta {
+        model: "synthetic".into(),
+        model_source: "synthetic".into(),
+        size: 32,
+        dim: DIM,
+        count: n,
+        normalized: false,
+        data: dir.display().to_string(),
+        deeprank_version: "test".into(),
+        format: 2,
+    })
+    .unwrap();
+    db
+}
+
+/// Appends rows `from..to` through the DB's writer (what `add` commits, without a model).
+fn append(db: &Path, from: usize, to: usize) {
+    let dir = db.parent().unwrap();
+    let mut w = Writer::open(db, Wait::Fail).unwrap();
+    let add = (from..to)
+        .map(|i| NewRow {
+            entry: entry(dir, i),
+            stamp: Stamp::default(),
+            vector: vector(i, 1),
+        })
+        .collect();
+    w.commit(&Change {
+        add,
+        remove: vec![],
+    })
+    .unwrap();
+}
+
+fn queries(n: usize) -> Vec<f32> {
+    (0..n).flat_map(|i| vector(i * 7 + 3, 99)).collect()
+}
+
+const SMALL: Params = Params {
+    m: 8,
+    ef_construction: 100,
+    seed: 7,
+};
+
+/// (row, distance bits) per query.
+type Ranked = Vec<Vec<(usize, u32)>>;
+
+fn run(db: &Db, mode: Mode, mask: Option<&[bool]>, k: usize) -> (Ranked, Plan) {
+    let index = match mode {
+        Mode::Exact => None,
+        _ => ann_db::open(db).unwrap(),
+    };
+    let req = Request {
+        mode,
+        mask,
+        exclude: None,
+    };
+    let (hits, plan) = ann_db::search(db, index.as_ref(), &queries(25), k, &req);
+    let r = hits
+        .into_iter()
+        .map(|h| {
+            h.into_iter()
+                .map(|h| (h.index, h.distance.to_bits()))
+                .collect()
+        })
+        .collect();
+    (r, plan)
+}
+
+/// At ef 400 the index's results are the exact scan's, row for row and bit for bit.
+fn same_as_exact(db: &Db, mask: Option<&[bool]>, what: &str) {
+    let (exact, p) = run(db, Mode::Exact, mask, 10);
+    assert_eq!(p, Plan::Exact);
+    let (ann, p) = run(db, Mode::Ef(400), mask, 10);
+    assert!(matches!(p, Plan::Index { ef: 400, .. }), "{what}: {p:?}");
+    assert_eq!(ann, exact, "{what}");
+    for (q, hits) in ann.iter().enumerate() {
+        for &(r, _) in hits {
+            assert!(!db.is_removed(r), "{what}: query {q} got removed row {r}");
+            assert!(
+                mask.is_none_or(|m| m[r]),
+                "{what}: row {r} fails the filter"
+            );
+        }
+    }
+}
+
+#[test]
+fn index_equals_exact_and_follows_adds_and_removes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = synthetic(tmp.path(), 1500);
+    let b = update::build(&db, &SMALL).unwrap();
+    assert_eq!((b.rows, b.m, b.ef_construction), (1500, 8, 100));
+    assert!(b.file.is_file() && b.bytes > 0);
+    let d = Db::open(&db).unwrap();
+    same_as_exact(&d, None, "fresh index");
+    // --recall picks the smallest calibrated ef reaching it; unreachable means the exact scan.
+    let (_, p) = run(&d, Mode::Recall(0.5), None, 10);
+    let first = b.calibration.iter().find(|c| c.1 >= 0.5).unwrap().0 as usize;
+    assert_eq!(p, Plan::Index { ef: first, tail: 0 });
+    let (_, p) = run(&d, Mode::Recall(1.0 + 1e-9), None, 10);
+    assert_eq!(p, Plan::Exact);
+
+    // Removed rows (the nearest ones of the first queries among them) are never returned.
+    let (near, _) = run(&d, Mode::Exact, None, 10);
+    let mut gone: Vec<String> = near[..3]
+        .iter()
+        .flat_map(|h| h.iter().take(4).map(|x| d.ids[x.0].to_string()))
+        .collect();
+    gone.extend((0..1500).step_by(10).map(|i| i.to_string()));
+    gone.sort();
+    gone.dedup();
+    changes::remove(&db, &gone).unwrap();
+    let d = Db::open(&db).unwrap();
+    assert_eq!(
+        d.state.index.as_ref().unwrap().file,
+        b.file.file_name().unwrap().to_str().unwrap()
+    );
+    same_as_exact(&d, None, "after removes");
+
+    // Rows added after the build are searched exactly until the index takes them in.
+    append(&db, 1500, 1700);
+    let d = Db::open(&db).unwrap();
+    let (_, p) = run(&d, Mode::Ef(400), None, 10);
+    assert_eq!(p, Plan::Index { ef: 400, tail: 200 });
+    same_as_exact(&d, None, "index lagging 200 rows");
+    let r = update::refresh(&db, None)
+        .unwrap()
+        .expect("the index lagged");
+    assert_eq!((r.rows, r.inserted, r.rebuilt), (1700, 200, false));
+    assert!(!b.file.exists(), "the replaced index file is deleted");
+    let d = Db::open(&db).unwrap();
+    let (_, p) = run(&d, Mode::Ef(400), None, 10);
+    assert_eq!(p, Plan::Index { ef: 400, tail: 0 });
+    same_as_exact(&d, None, "after the index took the added rows");
+    assert!(
+        update::refresh(&db, None).unwrap().is_none(),
+        "nothing left to do"
+    );
+    let files = |db: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(db)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".hnsw"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files(&db).len(), 1);
+
+    // Removing past a quarter of the rows compacts, which renumbers rows and drops the index;
+    // the refresh after the change rebuilds it with the same parameters.
+    let had = update::params_of(&db).unwrap();
+    assert_eq!((had.m, had.ef_construction), (8, 100));
+    let many: Vec<String> = d
+        .live_rows()
+        .filter(|r| r % 3 == 1)
+        .map(|r| d.ids[r].to_string())
+        .collect();
+    let rep = changes::remove(&db, &many).unwrap();
+    assert!(rep.compacted.is_some());
+    let d = Db::open(&db).unwrap();
+    assert!(d.state.index.is_none() && files(&db).is_empty());
+    let r = update::refresh(&db, Some(had)).unwrap().unwrap();
+    assert!(r.rebuilt && r.m == 8 && r.rows == d.rows());
+    same_as_exact(&Db::open(&db).unwrap(), None, "rebuilt after compaction");
+}
+
+#[test]
+fn filters_equal_exact_filtered_results_with_and_without_the_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = synthetic(tmp.path(), 1200);
+    update::build(&db, &SMALL).unwrap();
+    changes::remove(&db, &["4".into(), "24".into(), "44".into()]).unwrap();
+    append(&db, 1200, 1300);
+    let d = Db::open(&db).unwrap();
+    let even = tmp.path().join("even");
+    for (wheres, what) in [
+        (
+            vec![Where::Class("c4".into())],
+            "one class of 20 (the gathered exact path)",
+        ),
+        (
+            vec![Where::PathPrefix(even.clone())],
+            "half the rows (the graph walk)",
+        ),
+        (
+            vec![
+                Where::PathPrefix(even.join("img-1")),
+                Where::Class("c2".into()),
+            ],
+            "prefix and class",
+        ),
+    ] {
+        let m = ann_db::mask(&d, &wheres);
+        // The mask is the conditions over the stored rows, removed rows left out.
+        for (r, &passes) in m.iter().enumerate() {
+            let e = &d.entries[r];
+            let want = !d.is_removed(r)
+                && wheres.iter().all(|w| match w {
+                    Where::Class(c) => e.class_id == *c,
+                    Where::PathPrefix(p) => {
+                        e.path.to_str().unwrap().starts_with(p.to_str().unwrap())
+                    }
+                });
+            assert_eq!(passes, want, "{what}: row {r}");
+        }
+        assert!(m.iter().any(|&x| x), "{what}: nothing passes");
+        same_as_exact(&d, Some(&m), what);
+        // The exact path agrees with a brute force over the passing rows.
+        let (exact, _) = run(&d, Mode::Exact, Some(&m), 10);
+        let qs = queries(25);
+        for (q, hits) in exact.iter().enumerate() {
+            let qv = &qs[q * DIM..(q + 1) * DIM];
+            let mut all: Vec<(f64, usize)> = (0..d.rows())
+                .filter(|&r| m[r])
+                .map(|r| {
+                    let v = d.vectors.row(r);
+                    let s: f64 = (0..DIM).map(|j| ((qv[j] - v[j]) as f64).powi(2)).sum();
+                    (s, r)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let want: Vec<usize> = all.iter().take(10).map(|x| x.1).collect();
+            let got: Vec<usize> = hits.iter().map(|x| x.0).collect();
+            assert_eq!(got, want, "{what}: query {q}");
+        }
+    }
+    assert!(Where::parse("class=").is_err() && Where::parse("colour=red").is_err());
+    assert_eq!(
+        Where::parse("path=/a/b").unwrap(),
+        Where::PathPrefix("/a/b".into())
+    );
+}
+
+#[test]
+fn a_damaged_index_is_an_error_naming_it_and_exact_search_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = synthetic(tmp.path(), 300);
+    let b = update::build(&db, &SMALL).unwrap();
+    let good = std::fs::read(&b.file).unwrap();
+    let name = b.file.display().to_string();
+    let damaged: [(&str, Vec<u8>); 4] = [
+        ("truncated", good[..good.len() - 8].to_vec()),
+        ("garbage", b"not an index at all, just text".to_vec()),
+        ("header bit", {
+            let mut g = good.clone();
+            g[13] ^= 4;
+            g
+        }),
+        ("empty", vec![]),
+    ];
+    for (what, bytes) in damaged {
+        std::fs::write(&b.file, &bytes).unwrap();
+        let d = Db::open(&db).unwrap();
+        let e = format!("{:#}", ann_db::open(&d).err().expect(what));
+        assert!(e.contains(&name) && e.contains("--exact"), "{what}: {e}");
+        let (hits, plan) = run(&d, Mode::Exact, None, 5);
+        assert_eq!(plan, Plan::Exact);
+        assert_eq!(hits.len(), 25);
+        // An update refuses to build on it, naming it too; the DB itself is untouched.
+        let e = format!("{:#}", update::refresh(&db, None).expect_err(what));
+        assert!(e.contains(&name), "{what}: {e}");
+    }
+    std::fs::remove_file(&b.file).unwrap();
+    let d = Db::open(&db).unwrap();
+    let e = format!("{:#}", ann_db::open(&d).err().expect("missing file"));
+    assert!(e.contains(&name), "{e}");
+    // `deeprank index` replaces it.
+    update::build(&db, &SMALL).unwrap();
+    same_as_exact(&Db::open(&db).unwrap(), None, "rebuilt");
+}
+
+/// The CLI on a DB of real images: `index`, then query with the index, `--ef`, `--recall`,
+/// `--exact` and `--where`; a damaged index is an error unless `--exact`.
+#[test]
+fn cli_index_and_query_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, db) = common::changes::fresh(tmp.path());
+    let d = db.to_str().unwrap();
+    let (code, out, err) = common::cli(&["index", "--db", d, "--m", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("indexed 12 rows") && out.contains("ef 10:"),
+        "{out}"
+    );
+    let img = data
+        .join("n01443537")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let q = |extra: &[&str]| {
+        let mut a = vec![
+            "query",
+            "--db",
+            d,
+            "--image",
+            img.to_str().unwrap(),
+            "--json",
+        ];
+        a.extend(extra);
+        let (code, out, err) = common::cli(&a);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let rows: Vec<(u64, String)> = v[0]["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_u64().unwrap(),
+                    r["class_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        (rows, err)
+    };
+    let (exact, err) = q(&["--exact"]);
+    assert!(!err.contains("ANN index"), "{err}");
+    assert_eq!(exact.len(), 10);
+    let (ann, err) = q(&["--ef", "50"]);
+    assert!(err.contains("searched with the ANN index (ef 50)"), "{err}");
+    assert_eq!(ann, exact);
+    let (ann, err) = q(&["--recall", "0.9"]);
+    assert!(err.contains("searched with the ANN index"), "{err}");
+    assert_eq!(ann, exact);
+    let (only, _) = q(&["--where", "class=n02279972"]);
+    assert_eq!(only.len(), 4);
+    assert!(only.iter().all(|r| r.1 == "n02279972"), "{only:?}");
+    let prefix = data.join("n01443537");
+    let (only, _) = q(&["--where", &format!("path={}", prefix.display()), "--exact"]);
+    assert!(
+        only.len() == 4 && only.iter().all(|r| r.1 == "n01443537"),
+        "{only:?}"
+    );
+    for bad in [
+        vec!["--where", "colour=red"],
+        vec!["--ef", "0"],
+        vec!["--recall", "1.5"],
+        vec!["--ef", "10", "--exact"],
+    ] {
+        let mut a = vec!["query", "--db", d, "--image", img.to_str().unwrap()];
+        a.extend(&bad);
+        let (code, _, err) = common::cli(&a);
+        // clap refuses conflicting flags (2); deeprank bad values (1).
+        let want = if bad.contains(&"--exact") { 2 } else { 1 };
+        assert_eq!(code, want, "{bad:?}: {err}");
+        assert!(!err.contains("panick"), "{bad:?}: {err}");
+    }
+    // A damaged index: a clear error naming it, and --exact still answers.
+    let st = deeprank::store::state::read(&db).unwrap().unwrap();
+    let file = db.join(st.index.unwrap().file);
+    std::fs::write(&file, b"garbage").unwrap();
+    let a = ["query", "--db", d, "--image", img.to_str().unwrap()];
+    let (code, _, err) = common::cli(&a);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("--exact"),
+        "{err}"
+    );
+    assert!(!err.contains("panick"), "{err}");
+    let (again, _) = q(&["--exact"]);
+    assert_eq!(again, exact);
+    // `deeprank index` builds a new one; `check` sees no problem.
+    let (code, _, err) = common::cli(&["index", "--db", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!file.exists());
+    assert!(common::changes::consistent(&db).is_empty());
+}
