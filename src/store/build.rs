@@ -51,8 +51,12 @@ pub fn embed_collection(
     text: Option<&Path>,
     batch: usize,
 ) -> Result<EmbedReport> {
-    let entries = c
-        .items
+    embed_entries(emb, collection_entries(c), &c.root, out, text, batch)
+}
+
+/// A collection's images as manifest entries (empty class fields for an unlabelled image).
+pub fn collection_entries(c: &Collection) -> Vec<Entry> {
+    c.items
         .iter()
         .map(|item| {
             let class = item.class.map(|k| &c.classes[k]);
@@ -62,8 +66,22 @@ pub fn embed_collection(
                 class_name: class.map(|k| k.name.clone()).unwrap_or_default(),
             }
         })
-        .collect();
-    embed_entries(emb, entries, &c.root, out, text, batch)
+        .collect()
+}
+
+/// The identity a DB written by `emb` from `data` records.
+pub fn meta_for(emb: &Embedder, data: &Path, count: usize) -> Meta {
+    Meta {
+        model: emb.identity.clone(),
+        model_source: emb.source.clone(),
+        size: emb.size,
+        dim: emb.dim,
+        count,
+        normalized: emb.normalize,
+        data: data.display().to_string(),
+        deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
+        format: 2,
+    }
 }
 
 fn embed_entries(
@@ -88,18 +106,7 @@ fn embed_entries(
             entries.len()
         );
     }
-    let meta = Meta {
-        model: emb.identity.clone(),
-        model_source: emb.source.clone(),
-        size: emb.size,
-        dim: emb.dim,
-        count,
-        normalized: emb.normalize,
-        data: root.display().to_string(),
-        deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
-        format: 2,
-    };
-    let db = writer.finish(meta)?;
+    let db = writer.finish(meta_for(emb, root, count))?;
     Ok(EmbedReport {
         db,
         count,

@@ -86,7 +86,7 @@ fn walk(dir: &Path, images: &mut Vec<PathBuf>, ignored: &mut Vec<Skipped>) -> Re
 
 /// The class of a new file: its folder's name (or the one above `images/`) when the DB knows it
 /// as a class id; unlabelled otherwise.
-fn class_of(path: &Path, known: &HashMap<String, String>) -> (String, String) {
+pub fn class_of(path: &Path, known: &HashMap<String, String>) -> (String, String) {
     let names = path
         .ancestors()
         .skip(1)

@@ -129,13 +129,18 @@ impl DbWriter {
     }
 
     pub fn push(&mut self, entry: &Entry, vector: &[f32]) -> Result<()> {
+        // A file that cannot be read again is stamped unknown (sync then re-reads it).
+        let stamp = Stamp::of_file(&entry.path).unwrap_or_default();
+        self.push_stamped(entry, vector, &stamp)
+    }
+
+    /// Appends a row whose file stamp is known already (e.g. rows read from another store).
+    pub fn push_stamped(&mut self, entry: &Entry, vector: &[f32], stamp: &Stamp) -> Result<()> {
         let vectors = self.vectors.as_mut().context("DB already finished")?;
         let id = vectors.rows() as u64;
         vectors.push(vector)?;
-        // A file that cannot be read again is stamped unknown (sync then re-reads it).
-        let stamp = Stamp::of_file(&entry.path).unwrap_or_default();
         let mut line = Vec::new();
-        manifest::write_v2(&mut line, id, entry, &stamp)?;
+        manifest::write_v2(&mut line, id, entry, stamp)?;
         self.manifest.write_all(&line)?;
         self.manifest_bytes += line.len() as u64;
         if let Some(t) = &mut self.text {
