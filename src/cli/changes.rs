@@ -16,9 +16,9 @@ pub struct AddArgs {
     db: PathBuf,
     /// Image files and folders (searched recursively for .jpg/.jpeg/.png).
     #[arg(required = true, num_args = 1..)]
-    paths: Vec<PathBuf>,
+    pub(super) paths: Vec<PathBuf>,
     #[command(flatten)]
-    embed: EmbedFlags,
+    pub(super) embed: EmbedFlags,
 }
 
 #[derive(clap::Args)]
@@ -27,9 +27,9 @@ pub struct RemoveArgs {
     db: PathBuf,
     /// Ids (as query/serve show them), file paths, or folders (every row under it).
     #[arg(required = true, num_args = 1..)]
-    targets: Vec<String>,
+    pub(super) targets: Vec<String>,
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 #[derive(clap::Args)]
@@ -54,15 +54,15 @@ pub struct DbArgs {
 #[derive(clap::Args)]
 pub struct EmbedFlags {
     #[arg(long, default_value_t = 64)]
-    batch: usize,
+    pub(super) batch: usize,
     /// Rows per commit (a crash loses at most the chunk being embedded).
     #[arg(long, default_value_t = 1000)]
-    commit_every: usize,
+    pub(super) commit_every: usize,
     /// Model to embed with (must be the DB's; default: the DB's).
     #[arg(long)]
-    model: Option<String>,
+    pub(super) model: Option<String>,
     #[arg(long)]
-    weights: Option<PathBuf>,
+    pub(super) weights: Option<PathBuf>,
     /// Prints the report as JSON.
     #[arg(long)]
     json: bool,
@@ -166,6 +166,10 @@ fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
 
 /// `deeprank add`.
 pub fn add(a: AddArgs) -> Result<()> {
+    if let Some(url) = super::pg::url(&a.db) {
+        let url = url.to_string();
+        return super::pg::add(a, &url);
+    }
     let opts = a.embed.options()?;
     let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
     let had = super::index::before_change(&a.db);
@@ -179,6 +183,10 @@ pub fn add(a: AddArgs) -> Result<()> {
 
 /// `deeprank remove`.
 pub fn remove(a: RemoveArgs) -> Result<()> {
+    if let Some(url) = super::pg::url(&a.db) {
+        let url = url.to_string();
+        return super::pg::remove(a, &url);
+    }
     let had = super::index::before_change(&a.db);
     let rep = changes::remove(&a.db, &a.targets)?;
     print(&rep, a.json, "remove")?;

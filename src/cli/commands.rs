@@ -87,6 +87,15 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 
 /// `deeprank embed`: embeds a dataset into a DB and reports the speed.
 pub fn embed(a: EmbedArgs) -> Result<()> {
+    if let Some(url) = super::pg::url(&a.out) {
+        let url = url.to_string();
+        return super::pg::embed(a, &url);
+    }
+    if a.worker.is_some() {
+        bail!(
+            "--worker splits a tree between machines filling one store: it needs --out postgres://…"
+        );
+    }
     let EmbedArgs {
         data,
         labels,
@@ -98,6 +107,8 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         no_normalize,
         split,
         weights,
+        worker: _,
+        commit_every: _,
     } = a;
     let spec = ModelSpec::parse(&model)?;
     let c = Collection::open(&data, split.into(), &Labels::parse(&labels))?;
@@ -130,36 +141,40 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
 
 /// `deeprank query`: the results as a table or JSON, and the grids.
 pub fn query(a: QueryArgs) -> Result<()> {
+    let (results, labelled) = match super::pg::url(&a.db) {
+        Some(url) => {
+            let r = super::pg::query(&a, url)?;
+            (r, true)
+        }
+        None => {
+            let db = Db::open(&a.db)?;
+            let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
+            let (mode, index) = a.search.open(&db)?;
+            let wheres = super::index::wheres(&a.wheres)?;
+            let mask = (!wheres.is_empty()).then(|| ann_db::mask(&db, &wheres));
+            let req = ann_db::Request {
+                mode,
+                mask: mask.as_deref(),
+                exclude: None,
+            };
+            let (results, plan) =
+                query::query_with(&db, index.as_ref(), &req, &emb, &a.images, a.top)?;
+            super::index::say_plan(plan);
+            (results, db.is_labelled())
+        }
+    };
     let QueryArgs {
-        db,
-        images,
-        top,
         json,
         grid: grid_out,
-        model,
-        weights,
-        search,
-        wheres,
+        ..
     } = a;
-    let db = Db::open(&db)?;
-    let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
-    let (mode, index) = search.open(&db)?;
-    let wheres = super::index::wheres(&wheres)?;
-    let mask = (!wheres.is_empty()).then(|| ann_db::mask(&db, &wheres));
-    let req = ann_db::Request {
-        mode,
-        mask: mask.as_deref(),
-        exclude: None,
-    };
-    let (results, plan) = query::query_with(&db, index.as_ref(), &req, &emb, &images, top)?;
-    super::index::say_plan(plan);
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         for q in &results {
             match &q.class_id {
                 Some(c) => println!("query {} (class {c})", q.image.display()),
-                None if db.is_labelled() => println!("query {} (class ?)", q.image.display()),
+                None if labelled => println!("query {} (class ?)", q.image.display()),
                 None => println!("query {} (the DB has no labels)", q.image.display()),
             }
             println!("{:>4}  {:>8}  {:<12} path", "rank", "distance", "class");
@@ -198,20 +213,28 @@ pub fn query(a: QueryArgs) -> Result<()> {
 /// `deeprank eval`: the metrics as a table or JSON.
 pub fn eval(a: EvalArgs) -> Result<()> {
     let ks = eval::parse_ks(&a.k)?;
-    let db = Db::open(&a.db)?;
+    let snapshot = super::pg::url(&a.db).map(super::pg::snapshot).transpose()?;
+    let opened;
+    let db = match &snapshot {
+        Some(s) => &s.db,
+        None => {
+            opened = Db::open(&a.db)?;
+            &opened
+        }
+    };
     let ds = Dataset::open_labelled(&a.queries, Split::Val, &Labels::parse(&a.labels))
         .map_err(|e| e.context("eval needs labelled query images"))?;
     eprintln!("queries: {}", ds.summary());
-    let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
-    let (mode, index) = a.search.open(&db)?;
+    let emb = query::embedder_for_db(db, a.model.as_deref(), a.weights.as_deref())?;
+    let (mode, index) = a.search.open(db)?;
     let wheres = super::index::wheres(&a.wheres)?;
-    let mask = (!wheres.is_empty()).then(|| ann_db::mask(&db, &wheres));
+    let mask = (!wheres.is_empty()).then(|| ann_db::mask(db, &wheres));
     let req = ann_db::Request {
         mode,
         mask: mask.as_deref(),
         exclude: None,
     };
-    let (rep, plan) = eval::evaluate_with(&emb, &db, &ds, &ks, a.batch, index.as_ref(), &req)?;
+    let (rep, plan) = eval::evaluate_with(&emb, db, &ds, &ks, a.batch, index.as_ref(), &req)?;
     super::index::say_plan(plan);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -261,6 +284,12 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         reload_ms,
         search,
     } = a;
+    if super::pg::url(&db).is_some() {
+        bail!(
+            "serve reads a DB folder; serving a PostgreSQL store is not implemented yet \
+             (query, eval, duplicates, add and remove take --db postgres://…)"
+        );
+    }
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
         bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
     }

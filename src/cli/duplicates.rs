@@ -27,7 +27,15 @@ pub struct DuplicatesArgs {
 }
 
 pub fn run(a: DuplicatesArgs) -> Result<()> {
-    let db = Db::open(&a.db)?;
+    let snapshot = super::pg::url(&a.db).map(super::pg::snapshot).transpose()?;
+    let opened;
+    let db = match &snapshot {
+        Some(s) => &s.db,
+        None => {
+            opened = Db::open(&a.db)?;
+            &opened
+        }
+    };
     let threshold = match a.threshold {
         Some(t) => t,
         None => {
@@ -47,7 +55,12 @@ pub fn run(a: DuplicatesArgs) -> Result<()> {
         }
     };
     let t0 = std::time::Instant::now();
-    let found = duplicates::find(&db, threshold)?;
+    let mut found = duplicates::find(db, threshold)?;
+    if let Some(s) = &snapshot {
+        for m in found.groups.iter_mut().flat_map(|g| g.members.iter_mut()) {
+            m.id = s.store_id(m.id);
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&found)?);
     } else {

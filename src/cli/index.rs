@@ -18,6 +18,10 @@ pub struct IndexArgs {
     /// Candidates per insert while building: more is a better graph, a slower build.
     #[arg(long, default_value_t = 200)]
     ef_construction: usize,
+    /// A PostgreSQL store only: the hnsw.ef_search its queries use (set on every shard when
+    /// sharded) [default: 40]. A DB folder's queries take --ef themselves.
+    #[arg(long)]
+    ef: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -27,14 +31,14 @@ pub struct IndexArgs {
 pub struct SearchFlags {
     /// Candidates the index search keeps (more: better recall, slower) [default: 64].
     #[arg(long, conflicts_with_all = ["recall", "exact"])]
-    ef: Option<usize>,
+    pub(super) ef: Option<usize>,
     /// Recall@10 to reach: the smallest ef whose recall `deeprank index` measured reaches it (the
     /// exact scan when none does).
     #[arg(long, conflicts_with = "exact")]
-    recall: Option<f64>,
+    pub(super) recall: Option<f64>,
     /// Scans every row exactly, index or not.
     #[arg(long)]
-    exact: bool,
+    pub(super) exact: bool,
 }
 
 impl SearchFlags {
@@ -97,6 +101,14 @@ fn say_built(b: &Built) {
 
 /// `deeprank index`.
 pub fn index(a: IndexArgs) -> Result<()> {
+    if let Some(url) = super::pg::url(&a.db) {
+        return super::pg::index(url, a.m, a.ef_construction, a.ef);
+    }
+    if a.ef.is_some() {
+        bail!(
+            "--ef is a query's flag for a DB folder (deeprank query --ef N); index takes it for a PostgreSQL store"
+        );
+    }
     let b = update::build(
         &a.db,
         &Params {

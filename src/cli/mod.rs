@@ -6,6 +6,7 @@ mod commands;
 mod duplicates;
 pub mod globals;
 mod index;
+mod pg;
 mod train;
 
 use anyhow::Result;
@@ -63,6 +64,8 @@ pub enum Cmd {
     Index(index::IndexArgs),
     /// Lists groups of near-identical images of a DB (TSV, JSON, a picture per group).
     Duplicates(duplicates::DuplicatesArgs),
+    /// PostgreSQL stores: `store init` creates a collection sharded over several servers.
+    Store(pg::StoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -143,6 +146,13 @@ pub struct EmbedArgs {
     /// Also write the seed's text form: one image per line, path then the values.
     #[arg(long)]
     text: Option<PathBuf>,
+    /// With --out postgres://…: embed only the i-th of N disjoint parts of the tree (a stable
+    /// hash of each file's path relative to --data), so N machines fill one store together.
+    #[arg(long, value_name = "i/N")]
+    worker: Option<String>,
+    /// With --out postgres://…: rows per transaction (a crash loses at most the batch in hand).
+    #[arg(long, default_value_t = deeprank::store::pg::embed::CHUNK)]
+    commit_every: usize,
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Keep raw features instead of L2-normalising them.
@@ -315,5 +325,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Classify(a) => commands::classify(a),
         Cmd::Duplicates(a) => duplicates::run(a),
         Cmd::Index(a) => index::index(a),
+        Cmd::Store(a) => pg::store(a),
     }
 }

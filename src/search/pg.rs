@@ -1,0 +1,157 @@
+//! Search over a PostgreSQL collection (`--db postgres://…`): the store's model re-created for
+//! queries, and its candidates ranked by the local exact search's own distance ([`sq_l2`]), so
+//! an exact search of a store equals the same search of a DB folder.
+
+use crate::infer::embedder::{Embedder, ModelSpec};
+use crate::search::index::sq_l2;
+use crate::search::query::{QueryResult, ResultRow, guess_class};
+use crate::store::db::unescape_path;
+use crate::store::pg::embed::{db_meta, store_meta};
+use crate::store::pg::{Filter, Iterative, Mode, PgStore};
+use anyhow::{Context, Result, bail};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// `info` key of the HNSW settings `deeprank index` recorded.
+pub const HNSW_INFO: &str = "hnsw";
+/// `ef_search` when neither `--ef` nor `deeprank index --ef` chose one.
+pub const DEFAULT_EF: u32 = 40;
+
+/// Refuses a store made by another model, input size or normalisation (as a DB folder is).
+pub fn check_compatible(store: &PgStore, emb: &Embedder) -> Result<()> {
+    let want = store_meta(emb, Path::new(""))?;
+    if let Some(why) = store.meta().mismatch(&want) {
+        bail!(
+            "store {} was made with {why} (the query model is {} at {} px, normalized: {}): \
+             use the store's model, or embed into another table= with this one",
+            store.url().url,
+            emb.identity,
+            emb.size,
+            emb.normalize
+        );
+    }
+    Ok(())
+}
+
+/// Builds the embedder that made the store (or the one `model` names, which must match it).
+pub fn embedder_for_store(
+    store: &PgStore,
+    model: Option<&str>,
+    weights: Option<&Path>,
+) -> Result<Embedder> {
+    let meta = db_meta(store)?;
+    let spec = ModelSpec::parse(model.unwrap_or(&meta.model_source)).with_context(|| {
+        format!(
+            "cannot re-create the model of store {} ({}): pass --model",
+            store.url().url,
+            meta.model_source
+        )
+    })?;
+    let emb = Embedder::from_spec(&spec, weights, Some(meta.size), meta.normalized)?;
+    check_compatible(store, &emb)?;
+    Ok(emb)
+}
+
+/// The search mode: exact when asked or when the store has no HNSW index, else HNSW with `ef`
+/// (default: the one `deeprank index --ef` recorded).
+pub fn mode_for(store: &PgStore, exact: bool, ef: Option<u32>) -> Mode {
+    let hnsw = store.meta().info.get(HNSW_INFO);
+    match hnsw {
+        Some(h) if !exact => Mode::Hnsw {
+            ef: ef
+                .or_else(|| h.get("ef_search")?.as_u64().map(|v| v as u32))
+                .unwrap_or(DEFAULT_EF),
+            iterative: Iterative::Relaxed,
+        },
+        _ => Mode::Exact,
+    }
+}
+
+/// One ranked row: id, distance (the local f32 function), path, class id, class name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranked {
+    pub id: i64,
+    pub distance: f32,
+    pub path: PathBuf,
+    pub class_id: String,
+    pub class_name: String,
+}
+
+/// The `k` nearest rows of the store to `q`, nearest first, ties by id.
+pub fn rank(
+    store: &mut PgStore,
+    q: &[f32],
+    k: usize,
+    mode: Mode,
+    filter: &Filter,
+) -> Result<Vec<Ranked>> {
+    let mut hits: Vec<Ranked> = store
+        .candidates(q, k, mode, filter)?
+        .into_iter()
+        .map(|c| Ranked {
+            id: c.id,
+            distance: sq_l2(q, &c.embedding).max(0.0).sqrt(),
+            path: unescape_path(&c.path),
+            class_id: c.class,
+            class_name: c.class_name,
+        })
+        .collect();
+    hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+    hits.truncate(k);
+    Ok(hits)
+}
+
+/// `deeprank query --db postgres://…`: the top `top` rows for each query image.
+pub fn query(
+    store: &mut PgStore,
+    emb: &Embedder,
+    images: &[PathBuf],
+    top: usize,
+    mode: Mode,
+    filter: &Filter,
+) -> Result<Vec<QueryResult>> {
+    if top == 0 {
+        bail!("--top must be at least 1");
+    }
+    for p in images {
+        if !p.is_file() {
+            bail!(
+                "query image {} does not exist or is not a file",
+                p.display()
+            );
+        }
+    }
+    let (vecs, skipped) = emb.embed_files(images)?;
+    if let Some(s) = skipped.first() {
+        bail!("cannot use query image {}: {}", s.path.display(), s.reason);
+    }
+    let classes: HashMap<String, String> = store.classes()?.into_iter().collect();
+    let known: HashSet<&str> = classes.keys().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for (p, v) in images.iter().zip(vecs) {
+        let v: Vec<f32> = v.into_iter().flatten().collect();
+        let qc = guess_class(p, &known);
+        let results = rank(store, &v, top, mode, filter)?
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| ResultRow {
+                rank: r + 1,
+                id: h.id as u64,
+                distance: h.distance,
+                same_class: qc
+                    .as_ref()
+                    .and_then(|c| (!h.class_id.is_empty()).then(|| &h.class_id == c)),
+                path: h.path,
+                class_id: h.class_id,
+                class_name: h.class_name,
+            })
+            .collect();
+        out.push(QueryResult {
+            image: p.clone(),
+            class_name: qc.as_ref().and_then(|c| classes.get(c).cloned()),
+            class_id: qc,
+            results,
+        });
+    }
+    Ok(out)
+}
