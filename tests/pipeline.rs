@@ -345,6 +345,18 @@ fn bad_flags_and_missing_folders_exit_non_zero_without_panic() {
         vec!["frobnicate"],
         vec!["--device", "tpu", "weights", "path"],
     ];
+    // At 32 px the pretrained features are all zero (PyTorch's too): refused, naming the fix.
+    let (code, _, err) = common::cli(&[
+        "embed",
+        "--data",
+        "data/sample",
+        "--out",
+        "/tmp/x-db",
+        "--size",
+        "32",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--size 64 or larger"), "{err}");
     for args in cases {
         let (code, _, err) = common::cli(&args);
         assert_ne!(code, 0, "{args:?} should fail");

@@ -87,10 +87,23 @@ pub struct Embedder {
     pub source: String,
 }
 
+/// The smallest input side at which the pretrained pooled features are not all zero.
+pub const MIN_PRETRAINED_SIZE: u32 = 64;
+
 impl Embedder {
     /// The pretrained backbone (pooled features), weights from `weights` or the cache.
     pub fn pretrained(weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
         check_size(size)?;
+        if size < MIN_PRETRAINED_SIZE {
+            // Checked with the PyTorch reference too: at 32 px the last feature map is 1x1 and
+            // the pretrained head's BN + ReLU6 clip every channel to 0 on real images.
+            bail!(
+                "--size {size} is too small for the pretrained features: at {size} px \
+                 EfficientNet-Lite0's last feature map is 1x1 and comes out all zero (PyTorch \
+                 gives the same), so every image would get the same vector; use --size \
+                 {MIN_PRETRAINED_SIZE} or larger"
+            );
+        }
         let path = weights::resolve(weights_file)?;
         let sha = weights::sha256_file(&path)?;
         let device = device();
