@@ -6,13 +6,12 @@
 //! embedding network, a run's identity and folder, the device) → [`cpu`] (deeprank's own kernels:
 //! the inference engine and the training pass) → [`infer`] (the embedder) → [`store`] (npy, DB
 //! folders) → [`render`] (grids, plots) → [`search`] (index, query, metrics) → [`train`]
-//! (fine-tuning) → [`demo`], [`serve`] → [`benchkit`]. The `deeprank` binary (`src/main.rs`,
-//! `src/cli/`) and `deeprank-bench` (`src/bin/`) sit on top.
+//! (fine-tuning) → [`serve`] → [`benchkit`]. The `deeprank` binary (`src/main.rs`,
+//! `src/cli/`, which also holds the demo) and `deeprank-bench` (`src/bin/`) sit on top.
 
 pub mod benchkit;
 pub mod cpu;
 pub mod data;
-pub mod demo;
 pub mod infer;
 pub mod model;
 pub mod progress;

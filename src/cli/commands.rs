@@ -1,5 +1,6 @@
 //! The commands other than `train`: each calls the library and prints what it did.
 
+use super::demo;
 use super::{
     ClassifyArgs, DemoArgs, EmbedArgs, EvalArgs, QueryArgs, SampleArgs, ServeArgs, WeightsArgs,
     WeightsCmd,
@@ -10,7 +11,6 @@ use deeprank::data::dataset::{Dataset, Split};
 use deeprank::data::sampler;
 use deeprank::data::skipped::Skipped;
 use deeprank::data::walk;
-use deeprank::demo;
 use deeprank::infer::embedder::{Embedder, ModelSpec};
 use deeprank::model::weights as lite0_weights;
 use deeprank::render::grid;

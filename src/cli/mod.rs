@@ -3,6 +3,7 @@
 
 mod changes;
 mod commands;
+mod demo;
 mod duplicates;
 pub mod globals;
 mod index;

@@ -3,18 +3,18 @@
 //! show the trained model beside the pretrained one (P@k, the same query grids, the training
 //! plot) in `report.md`.
 
-use crate::data::dataset::{Dataset, Split};
-use crate::infer::embedder::Embedder;
-use crate::model::weights;
-use crate::render::grid;
-use crate::search::eval::{EvalReport, evaluate};
-use crate::search::query::{self, QueryResult};
-use crate::store::build::embed_dataset;
-use crate::store::db::Db;
-use crate::train::config::{Recipe, TrainConfig};
-use crate::train::report::{EpochMetrics, PLOT};
-use crate::train::{RunOptions, train};
 use anyhow::{Context, Result};
+use deeprank::data::dataset::{Dataset, Split};
+use deeprank::infer::embedder::Embedder;
+use deeprank::model::weights;
+use deeprank::render::grid;
+use deeprank::search::eval::{EvalReport, evaluate};
+use deeprank::search::query::{self, QueryResult};
+use deeprank::store::build::embed_dataset;
+use deeprank::store::db::Db;
+use deeprank::train::config::{Recipe, TrainConfig};
+use deeprank::train::report::{EpochMetrics, PLOT};
+use deeprank::train::{RunOptions, train};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
