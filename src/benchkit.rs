@@ -557,6 +557,11 @@ pub fn explain_query(
     mode: crate::store::pg::Mode,
 ) -> Result<String> {
     let mut store = crate::store::pg::PgStore::open(url, None)?;
+    if let crate::store::pg::Mode::Hnsw { ef, iterative } = mode
+        && store.is_sharded()
+    {
+        store.set_shard_search(ef, iterative)?;
+    }
     let q = pg_query_vec(0, n, dim, &pg_centers(dim));
     store.explain_search(&q, k, mode, &crate::store::pg::Filter::default())
 }

@@ -372,6 +372,14 @@ fn one_server_round_trips() {
     let out = ok(&["add", "--db", &url, &gone, "--weights", w.to_str().unwrap()]);
     assert_eq!((added(&out), rows_in(&out)), (1, n), "{out}");
     assert_eq!(query(&url, &qs, 6, &[]), local);
+    // A folder goes whole; a target that names nothing removes nothing and says so.
+    let folder = f.files[0].parent().unwrap().display().to_string();
+    let (code, _, err) = run(&["remove", "--db", &url, &folder, "/no/such/file.jpg"], &[]);
+    assert!(code != 0 && err.contains("nothing was removed"), "{err}");
+    let out = ok(&["remove", "--db", &url, &folder]);
+    assert_eq!(rows_in(&out), n - 8, "{out}");
+    let (_, out, _) = embed(&f.data, &url, &[], &[]);
+    assert_eq!((added(&out), rows_in(&out)), (8, n), "{out}");
 
     // eval and duplicates read the store and agree with the local DB.
     let ev = |db: &str| -> Value {

@@ -390,6 +390,7 @@ fn run(cli: Cli) -> Result<()> {
                     ef: e,
                     iterative: Iterative::Relaxed,
                 };
+                show(mode)?;
                 let (secs, got) =
                     benchkit::time_queries(url.as_deref(), None, n, dim, queries, k, mode)?;
                 let hit: usize = exact

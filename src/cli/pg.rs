@@ -11,7 +11,9 @@ use deeprank::search::pg as search_pg;
 use deeprank::store::build::collection_entries;
 use deeprank::store::changes::{class_of, normalize};
 use deeprank::store::db::Entry;
+use deeprank::store::db::escape_path;
 use deeprank::store::pg::embed::{PgReport, Snapshot, Worker, embed_entries, store_meta};
+use deeprank::store::pg::write::RemoveTarget;
 use deeprank::store::pg::{Filter, Iterative, PgStore, ShardOptions, init_sharded, is_store_url};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -127,20 +129,25 @@ pub fn add(a: AddArgs, url: &str) -> Result<()> {
 /// `deeprank remove --db postgres://…`: by id, file path or folder; every target must match.
 pub fn remove(a: RemoveArgs, url: &str) -> Result<()> {
     let mut store = PgStore::open(url, None)?;
-    let (mut ids, mut paths, mut prefixes) = (Vec::new(), Vec::new(), Vec::new());
-    for t in &a.targets {
-        if let Ok(id) = t.parse::<i64>() {
-            ids.push(id);
-            continue;
-        }
-        let p = normalize(Path::new(t));
-        let s = deeprank::store::db::escape_path(&p);
-        prefixes.push(format!("{}/", s.trim_end_matches('/')));
-        paths.push(s);
-    }
-    let path_refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    let prefix_refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
-    let gone = store.remove(&ids, &path_refs, &prefix_refs)?;
+    // A path matches as given and made absolute (stored paths are as `embed --data` or `add` saw them).
+    let targets: Vec<RemoveTarget> = a
+        .targets
+        .iter()
+        .map(|t| {
+            let mut r = RemoveTarget {
+                given: t.clone(),
+                ids: t.parse::<i64>().into_iter().collect(),
+                ..RemoveTarget::default()
+            };
+            for p in [PathBuf::from(t), normalize(Path::new(t))] {
+                let s = escape_path(&p);
+                r.prefixes.push(format!("{}/", s.trim_end_matches('/')));
+                r.paths.push(s);
+            }
+            r
+        })
+        .collect();
+    let gone = store.remove(&targets)?;
     if a.json {
         let rows: Vec<_> = gone
             .iter()

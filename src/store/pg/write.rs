@@ -1,6 +1,7 @@
 //! Writes: rows queued and written a batch per transaction, idempotent by content hash (binary
 //! `COPY`; on a sharded collection straight into each shard), and deletes.
 
+use super::shard::shard_err;
 use super::{PgCtx, PgStore, Row, RowRef, StoreUrl, WriteMode, like_prefix, pg_err, q};
 use anyhow::{Context, Result, bail};
 use pgvector::Vector;
@@ -245,28 +246,51 @@ impl PgStore {
         Ok(total)
     }
 
-    /// Deletes rows by id, by exact path, and by path prefix (a folder: pass it with a trailing
-    /// `/`), in one transaction. Returns the (id, path) of the rows that went.
-    pub fn remove(
-        &mut self,
-        ids: &[i64],
-        paths: &[&str],
-        prefixes: &[&str],
-    ) -> Result<Vec<(i64, String)>> {
-        let likes: Vec<String> = prefixes.iter().map(|p| like_prefix(p)).collect();
+    /// Deletes the rows each target names (an id, or any of some exact paths, or a path under
+    /// any of some prefixes: a folder, given with a trailing `/`), in one transaction: when a
+    /// target names no row, nothing is removed and the error names it. Returns the (id, path) of
+    /// the rows that went.
+    pub fn remove(&mut self, targets: &[RemoveTarget]) -> Result<Vec<(i64, String)>> {
         let sql = format!(
             "DELETE FROM {} WHERE id = ANY($1) OR path = ANY($2) OR path LIKE ANY($3) RETURNING id, path",
             q(&self.url.table)
         );
-        let rows = (|| {
-            let mut tx = self.client.transaction()?;
-            let rows = tx.query(&sql, &[&ids, &paths, &likes])?;
-            tx.commit()?;
-            Ok(rows)
-        })()
-        .map_err(|e| self.qerr("removing", e))?;
-        let mut out: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut tx = self
+            .client
+            .transaction()
+            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
+        let mut out = Vec::new();
+        for t in targets {
+            let likes: Vec<String> = t.prefixes.iter().map(|p| like_prefix(p)).collect();
+            let rows = tx
+                .query(&sql, &[&t.ids, &t.paths, &likes])
+                .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
+            if rows.is_empty() {
+                bail!(
+                    "{} is neither an id nor the path of a file or folder in {}: nothing was removed",
+                    t.given,
+                    self.url.url
+                );
+            }
+            out.extend(
+                rows.iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))),
+            );
+        }
+        tx.commit()
+            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
         out.sort();
+        out.dedup();
         Ok(out)
     }
+}
+
+/// What one `remove` argument names.
+#[derive(Clone, Debug, Default)]
+pub struct RemoveTarget {
+    /// The argument as given (for the error).
+    pub given: String,
+    pub ids: Vec<i64>,
+    pub paths: Vec<String>,
+    pub prefixes: Vec<String>,
 }
