@@ -411,10 +411,19 @@ fn one_server_round_trips() {
     eprintln!("HNSW recall@10 over {} queries: {r:.3}", f.files.len());
     assert!(r >= 0.9, "recall {r}");
 
-    // serve does not take a store yet, and says so.
-    let (code, _, err) = run(&["serve", "--db", &url], &[]);
-    assert_ne!(code, 0);
-    assert!(err.contains("not implemented"), "{err}");
+    // serve, sync, compact and check do not take a store yet, and say so.
+    for args in [
+        vec!["serve", "--db", &url],
+        vec!["sync", "--db", &url, "--data", f.data.to_str().unwrap()],
+        vec!["compact", "--db", &url],
+        vec!["check", "--db", &url],
+    ] {
+        let (code, _, err) = run(&args, &[]);
+        assert!(
+            code != 0 && err.contains("not implemented"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

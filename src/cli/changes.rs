@@ -196,6 +196,7 @@ pub fn remove(a: RemoveArgs) -> Result<()> {
 
 /// `deeprank sync`.
 pub fn sync(a: SyncArgs) -> Result<()> {
+    super::pg::refuse(&a.db, "sync")?;
     let opts = a.embed.options()?;
     let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
     let had = super::index::before_change(&a.db);
@@ -209,6 +210,7 @@ pub fn sync(a: SyncArgs) -> Result<()> {
 
 /// `deeprank compact`.
 pub fn compact(a: DbArgs) -> Result<()> {
+    super::pg::refuse(&a.db, "compact")?;
     let had = super::index::before_change(&a.db);
     let rep = changes::compact(&a.db)?;
     print(&rep, a.json, "compact")?;
@@ -218,6 +220,7 @@ pub fn compact(a: DbArgs) -> Result<()> {
 
 /// `deeprank check`: exits with an error when the DB is damaged.
 pub fn check(a: DbArgs) -> Result<()> {
+    super::pg::refuse(&a.db, "check")?;
     let mut rep = check_db(&a.db)?;
     // The index graph itself (the store checks only that its file is there).
     if let Err(e) = Db::open(&a.db).and_then(|db| ann_db::open(&db)) {

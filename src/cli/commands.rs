@@ -287,7 +287,7 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
     if super::pg::url(&db).is_some() {
         bail!(
             "serve reads a DB folder; serving a PostgreSQL store is not implemented yet \
-             (query, eval, duplicates, add and remove take --db postgres://…)"
+             (embed, add, remove, query, eval, duplicates and index take --db postgres://…)"
         );
     }
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {

@@ -23,6 +23,17 @@ pub fn url(p: &Path) -> Option<&str> {
     p.to_str().filter(|s| is_store_url(s))
 }
 
+/// The commands that work on a DB folder only refuse a store URL, saying so.
+pub fn refuse(db: &Path, command: &str) -> Result<()> {
+    if url(db).is_some() {
+        bail!(
+            "{command} works on a DB folder; it is not implemented for a PostgreSQL store \
+             (embed, add, remove, query, eval, duplicates and index take --db postgres://…)"
+        );
+    }
+    Ok(())
+}
+
 /// `--where class=ID` / `--where path=PREFIX` (repeatable, all must hold).
 pub fn parse_where(w: &[String]) -> Result<Filter> {
     let mut f = Filter::default();
