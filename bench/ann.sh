@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ANN comparison for issue 10 (bench/RESULTS.md §11): deeprank's HNSW against FAISS IndexHNSWFlat,
+# ANN comparison for issue 10 (bench/RESULTS.md §12): deeprank's HNSW against FAISS IndexHNSWFlat,
 # hnswlib and usearch (all PyPI), plus FAISS IndexFlatL2 and deeprank's exact scan, on the same
 # vectors: M = 16, efConstruction = 200, 2 threads each, all 1,000 queries in one call per ef,
 # recall@10 against FAISS IndexFlatL2's top-10.
@@ -19,8 +19,9 @@
 #                    1,000 held-out originals as queries, every variant of them out of the DB.
 # The real set is made only when MAKE_REAL=1 (the embed of 242k images takes 45-80 min on 2 cores).
 #
-# deeprank's side: `deeprank-bench ann` (src/search/ann, the shipped code) when this build has it,
-# otherwise PROTO=path/to/annbench/bench (the prototype of docs/groundwork/ann). The anchors come from
+# deeprank's side: `deeprank-bench ann` (src/search/ann, the shipped code; built here, or an existing
+# binary given as DEEPRANK_BENCH=path), or PROTO=path/to/annbench/bench (the prototype of
+# docs/groundwork/ann, in git history at commit 309620f). The anchors come from
 # bench/setup.sh (PYTHON, default bench/.venv/bin/python). FAISS runs with OMP_NUM_THREADS=2 and
 # OMP_WAIT_POLICY=PASSIVE (on a shared 2-core box its spinning OpenMP threads otherwise lose badly).
 set -euo pipefail
@@ -43,9 +44,12 @@ run() { "$@" 2>&1 | tee -a "$LOG"; }
 [ -x "$PYTHON" ] || { echo "no anchors venv at $PYTHON: run bench/setup.sh (or set PYTHON)" >&2; exit 1; }
 BIN=${CARGO_TARGET_DIR:-target}/release
 if [ -z "${PROTO:-}" ]; then
-  cargo build --release --quiet --bin deeprank --bin deeprank-bench
-  "$BIN/deeprank-bench" ann --help > /dev/null 2>&1 ||
-    { echo "this deeprank-bench has no 'ann' command; set PROTO=path/to/annbench/bench" >&2; exit 1; }
+  if [ -z "${DEEPRANK_BENCH:-}" ]; then
+    cargo build --release --quiet --bin deeprank --bin deeprank-bench
+    DEEPRANK_BENCH=$BIN/deeprank-bench
+  fi
+  "$DEEPRANK_BENCH" ann --help > /dev/null 2>&1 ||
+    { echo "$DEEPRANK_BENCH has no 'ann' command; set PROTO=path/to/annbench/bench" >&2; exit 1; }
 fi
 
 # Data.
@@ -67,7 +71,7 @@ own() { # own SET DIR build|search
     if [ "$3" = build ]; then BUILD_ONLY=1 SAVE=$dir/own.hnsw run "$PROTO" "$set" own
     else LOAD=$dir/own.hnsw run "$PROTO" "$set" own "$EFS"; fi
   elif [ "$3" = search ]; then
-    run "$BIN/deeprank-bench" ann --db-npy "$set" --nq 1000 --m 16 --ef-construction 200 \
+    run "$DEEPRANK_BENCH" ann --db-npy "$set" --nq 1000 --m 16 --ef-construction 200 \
       --ef "$EFS" --k 10 --threads 2 --add 50 --save "$dir/deeprank.hnsw"
   fi
 }

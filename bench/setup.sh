@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.15.0" numpy pillow faiss-cpu
-# ANN anchors (bench/ann.sh), the versions measured in RESULTS.md §11
+# ANN anchors (bench/ann.sh), the versions measured in RESULTS.md §12
 .venv/bin/pip install -q "faiss-cpu==1.15.1" "hnswlib==0.8.0" "usearch==2.26.6"
 .venv/bin/python -c "import torch; print('torch', torch.__version__)"
 .venv/bin/python -c "import faiss, hnswlib, usearch; print('faiss', faiss.__version__, 'usearch', usearch.__version__)"
