@@ -278,3 +278,38 @@ pub struct PgStore {
     pub batch_rows: usize,
     pending: Vec<Row>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        let u =
+            StoreUrl::parse("postgres://me@h:5433/media?table=photos&connect_timeout=5").unwrap();
+        assert_eq!(u.table, "photos");
+        assert_eq!(u.conn, "postgres://me@h:5433/media?connect_timeout=5");
+        assert_eq!(
+            StoreUrl::parse("postgresql://h/db").unwrap().table,
+            DEFAULT_TABLE
+        );
+        for bad in [
+            "postgres://h/db?table=Photos",
+            "postgres://h/db?table=1x",
+            "postgres://h/db?table=a;drop",
+            "postgres://h/db?table=a&table=b",
+            "mysql://h/db",
+            "photos-db",
+        ] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad}");
+        }
+        assert!(is_store_url("postgres://x") && !is_store_url("./postgres"));
+    }
+
+    #[test]
+    fn ids_and_patterns() {
+        assert_eq!(id_from_hash(&[0xff; 32]), i64::MAX);
+        assert_eq!(id_from_hash(&[0, 0, 0, 0, 0, 0, 1, 2]), 258);
+        assert_eq!(like_prefix("a_b%c\\d/"), "a\\_b\\%c\\\\d/%");
+    }
+}
