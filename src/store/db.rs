@@ -259,6 +259,24 @@ pub struct Db {
     pub index: Option<IndexMap>,
 }
 
+/// Runs `open` on the file a reader of commit `st` reads for `name`: a pending rename's source while
+/// it exists, else `name` itself. The writer may finish the rename between that check and the open
+/// (a compaction completing): a source gone by then is retried under `name`, which the rename gave
+/// the same content.
+fn with_resolved<T>(
+    st: &State,
+    dir: &Path,
+    name: &str,
+    open: impl Fn(&Path) -> Result<T>,
+) -> Result<T> {
+    let p = st.resolve(dir, name);
+    let target = dir.join(name);
+    match open(&p) {
+        Err(_) if p != target && !p.exists() => open(&target),
+        r => r,
+    }
+}
+
 /// How often an open retries when writers keep committing while it reads.
 const OPEN_ATTEMPTS: usize = 20;
 
@@ -346,10 +364,12 @@ impl Db {
     }
 
     fn open_v2(dir: &Path, st: State) -> Result<Db> {
-        let mut meta = Self::read_meta(&st.resolve(dir, META))?;
+        let mut meta = with_resolved(&st, dir, META, Self::read_meta)?;
         let read_prefix = |name: &str, len: u64| -> Result<(PathBuf, Vec<u8>)> {
-            let path = st.resolve(dir, name);
-            let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let (path, f) = with_resolved(&st, dir, name, |p| {
+                let f = File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+                Ok((p.to_path_buf(), f))
+            })?;
             let have = f.metadata()?.len();
             if have < len {
                 bail!(
@@ -395,7 +415,7 @@ impl Db {
                 st.live
             )));
         }
-        let vectors = NpyMap::open_prefix(&st.resolve(dir, VECTORS), n, meta.dim)?;
+        let vectors = with_resolved(&st, dir, VECTORS, |p| NpyMap::open_prefix(p, n, meta.dim))?;
         meta.count = live as usize;
         let index = st
             .index
