@@ -4,7 +4,7 @@
 
 use crate::infer::embedder::{Embedder, ModelSpec};
 use crate::search::index::sq_l2;
-use crate::search::query::{QueryResult, ResultRow, guess_class};
+use crate::search::query::{QueryResult, ResultRow, embed_queries, guess_class};
 use crate::store::db::unescape_path;
 use crate::store::pg::embed::{db_meta, store_meta};
 use crate::store::pg::{Filter, Iterative, Mode, PgStore};
@@ -110,26 +110,11 @@ pub fn query(
     mode: Mode,
     filter: &Filter,
 ) -> Result<Vec<QueryResult>> {
-    if top == 0 {
-        bail!("--top must be at least 1");
-    }
-    for p in images {
-        if !p.is_file() {
-            bail!(
-                "query image {} does not exist or is not a file",
-                p.display()
-            );
-        }
-    }
-    let (vecs, skipped) = emb.embed_files(images)?;
-    if let Some(s) = skipped.first() {
-        bail!("cannot use query image {}: {}", s.path.display(), s.reason);
-    }
+    let vecs = embed_queries(emb, images, top)?;
     let classes: HashMap<String, String> = store.classes()?.into_iter().collect();
     let known: HashSet<&str> = classes.keys().map(String::as_str).collect();
     let mut out = Vec::new();
     for (p, v) in images.iter().zip(vecs) {
-        let v: Vec<f32> = v.into_iter().flatten().collect();
         let qc = guess_class(p, &known);
         let results = rank(store, &v, top, mode, filter)?
             .into_iter()

@@ -198,16 +198,10 @@ pub fn query(db: &Db, emb: &Embedder, images: &[PathBuf], top: usize) -> Result<
     Ok(query_with(db, None, &exact, emb, images, top)?.0)
 }
 
-/// `deeprank query`: the top `top` rows `req` allows for each query image, through `index` when
-/// there is one and `req.mode` asks for it.
-pub fn query_with(
-    db: &Db,
-    index: Option<&DbIndex>,
-    req: &Request,
-    emb: &Embedder,
-    images: &[PathBuf],
-    top: usize,
-) -> Result<(Vec<QueryResult>, Plan)> {
+/// The query images' vectors, one per image, in order; `top` must be at least 1, and every image
+/// must be a readable image file (an error names the first that is not). Shared by the DB folder
+/// and the PostgreSQL store.
+pub fn embed_queries(emb: &Embedder, images: &[PathBuf], top: usize) -> Result<Vec<Vec<f32>>> {
     if top == 0 {
         bail!("--top must be at least 1");
     }
@@ -223,7 +217,22 @@ pub fn query_with(
     if let Some(s) = skipped.first() {
         bail!("cannot use query image {}: {}", s.path.display(), s.reason);
     }
-    let flat: Vec<f32> = vecs.into_iter().flatten().flatten().collect();
+    Ok(vecs
+        .into_iter()
+        .map(|v| v.into_iter().flatten().collect())
+        .collect())
+}
+/// `deeprank query`: the top `top` rows `req` allows for each query image, through `index` when
+/// there is one and `req.mode` asks for it.
+pub fn query_with(
+    db: &Db,
+    index: Option<&DbIndex>,
+    req: &Request,
+    emb: &Embedder,
+    images: &[PathBuf],
+    top: usize,
+) -> Result<(Vec<QueryResult>, Plan)> {
+    let flat: Vec<f32> = embed_queries(emb, images, top)?.concat();
     let known: HashSet<&str> = db
         .live_rows()
         .filter_map(|r| db.entries[r].class())
