@@ -389,6 +389,8 @@ fn serve_searches_through_the_index_with_filters_and_follows_its_updates() {
     wait_for("the server sees the updated index", || {
         get(&format!("{}/api/stats", ann.base)).1["index"]["rows"].as_u64() == Some(13)
     });
+    // The exact server polls on its own clock: wait until it has the new row too.
+    wait_for("the exact server sees the add", || count(&exact) == 13);
     let (a, e) = (
         get(&format!("{}/api/search?id=12&top=5", ann.base)).1,
         get(&format!("{}/api/search?id=12&top=5", exact.base)).1,
