@@ -3,23 +3,12 @@
 
 mod common;
 
+use common::server::{self, Server, agent};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A DB of the bundled sample at 128 px (built once per test binary).
 fn db() -> PathBuf {
@@ -44,46 +33,13 @@ fn db() -> PathBuf {
 }
 
 fn start(extra: &[&str]) -> Server {
-    let db = db();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deeprank"))
-        .args([
-            "--threads",
-            "2",
-            "serve",
-            "--db",
-            db.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("no address: {line:?}"))
-        .to_string();
-    Server { child, base }
+    server::start(&db(), "2", extra)
 }
 
 /// A server with default settings (one per test: a process outliving the tests would hold their
 /// output pipe open).
 fn shared() -> Server {
     start(&[])
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(60)))
-        .build()
-        .into()
 }
 
 fn get(url: &str) -> (u16, Vec<u8>, Option<String>) {

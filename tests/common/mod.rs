@@ -64,3 +64,4 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 pub mod changes;
+pub mod server;
