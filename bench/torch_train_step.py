@@ -5,6 +5,10 @@ loss (gap 1.0) on the first 3 x TRIPLETS images of a dataset (q's, then p's, the
 Nesterov momentum 0.9, lr 1e-3, weight decay 1e-5. Same batch every step, as deeprank's.
 
   python torch_train_step.py TORCH_REFERENCE.py WEIGHTS DATA_DIR SIZE [TRIPLETS] [DIM] [WARMUP] [STEPS]
+Variants (the same as ../shared/reference/torch_train_anchor.py): CHANNELS_LAST=1 (model and batch in
+channels_last), COMPILE=1 (torch.compile of the forward, default mode; COMPILE=max uses
+max-autotune-no-cudagraphs); a compiled run gets at least 5 warm-up steps. THREADS sets torch's
+threads (default 2); the RESULT line names the variant and the threads really used.
 """
 import importlib.util
 import os
@@ -29,11 +33,23 @@ x = torch.stack([ref.load_img(os.path.join(images, f), size) for f in names])
 torch.manual_seed(0)
 m = ref.load(weights, dim)
 m.train()
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+variant = []
+if os.environ.get("CHANNELS_LAST"):
+    m = m.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    variant.append("channels_last")
+fwd = m
+if os.environ.get("COMPILE"):
+    mode = "max-autotune-no-cudagraphs" if os.environ["COMPILE"] == "max" else "default"
+    fwd = torch.compile(m, mode=mode)
+    variant.append(f"compile-{mode}")
+    warmup = max(warmup, 5)
 opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-5)
 total = 0.0
 for i in range(warmup + steps):
     t0 = time.perf_counter()
-    e = m(x)
+    e = fwd(x)
     q, p, n = e.split(triplets)
     loss = F.triplet_margin_loss(q, p, n, margin=1.0, p=2)
     opt.zero_grad()
@@ -42,5 +58,5 @@ for i in range(warmup + steps):
     if i >= warmup:
         total += time.perf_counter() - t0
 sec = total / steps
-print(f"RESULT torch_train size={size} triplets={triplets} seconds_per_step={sec:.4f} "
+print(f"RESULT torch_train variant={'+'.join(variant) or 'eager'} size={size} triplets={triplets} seconds_per_step={sec:.4f} "
       f"img_per_s={3 * triplets / sec:.1f} loss={loss.item():.4f} threads={torch.get_num_threads()}")

@@ -2,7 +2,8 @@
 # Training step, deeprank vs PyTorch, side by side: the seed recipe's step (EfficientNet-Lite0 + 128-d
 # head, full fine-tuning, BatchNorm in training mode, 16 triplets = 48 images, ranking loss gap 1.0,
 # SGD Nesterov 0.9, lr 1e-3, weight decay 1e-5) on the same fixed batch of mini val images, 2 threads
-# each, 2 warm-up steps then the mean of 5.
+# each, 2 warm-up steps (5 for torch.compile) then the mean of 5. PyTorch runs in each of its variants:
+# eager, channels_last, torch.compile, and both (VARIANTS chooses).
 #   bench/train_step.sh [SIZES...]     (default: 64 128)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,19 @@ cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/deeprank
 BENCH=${CARGO_TARGET_DIR:-target}/release/deeprank-bench
 W=$("$BIN" weights fetch)
-echo "| size | deeprank img/s | PyTorch img/s | ratio |"
-echo "|---|---|---|---|"
+VARIANTS=${VARIANTS:-eager channels_last compile compile+channels_last}
+anchor() {  # VARIANT SIZE -> img/s
+  local cl="" co=""
+  case "$1" in *channels_last*) cl=1 ;; esac
+  case "$1" in *compile*) co=1 ;; esac
+  CHANNELS_LAST=$cl COMPILE=$co "$PYTHON" bench/torch_train_step.py ../shared/reference/torch_reference.py "$W" "$DATA/val" "$2" 16 128 2 "$STEPS" 2>/dev/null | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p'
+}
+echo "| size | deeprank img/s | PyTorch variant | PyTorch img/s | ratio |"
+echo "|---|---|---|---|---|"
 for s in $SIZES; do
   d=$("$BENCH" --threads "$THREADS" train --data "$DATA/val" --size "$s" --steps "$STEPS" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
-  t=$("$PYTHON" bench/torch_train_step.py ../shared/reference/torch_reference.py "$W" "$DATA/val" "$s" 16 128 2 "$STEPS" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p')
-  echo "| $s | $d | $t | $(python3 -c "print(f'{$d/$t:.2f}x')") |"
+  for v in $VARIANTS; do
+    t=$(anchor "$v" "$s")
+    echo "| $s | $d | $v | ${t:-failed} | $([ -n "$t" ] && python3 -c "print(f'{$d/$t:.2f}x')" || echo —) |"
+  done
 done
