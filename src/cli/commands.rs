@@ -147,6 +147,9 @@ pub fn query(a: QueryArgs) -> Result<()> {
             (r, true)
         }
         None => {
+            if a.allow_partial {
+                bail!("--allow-partial is for a sharded PostgreSQL store (--db postgres://…)");
+            }
             let db = Db::open(&a.db)?;
             let emb = query::embedder_for_db(&db, a.model.as_deref(), a.weights.as_deref())?;
             let (mode, index) = a.search.open(&db)?;
@@ -283,18 +286,12 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         api_key,
         reload_ms,
         search,
+        uploads,
+        allow_partial,
     } = a;
-    if super::pg::url(&db).is_some() {
-        bail!(
-            "serve reads a DB folder; serving a PostgreSQL store is not implemented yet \
-             (embed, add, remove, query, eval, duplicates and index take --db postgres://…)"
-        );
-    }
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
         bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
     }
-    let db = Db::open(&db)?;
-    let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
     let defaults = deeprank::serve::ServeOptions::default();
     let opts = deeprank::serve::ServeOptions {
         addr,
@@ -307,9 +304,31 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         writable,
         api_key: api_key.or_else(|| std::env::var("DEEPRANK_API_KEY").ok()),
         reload_every: std::time::Duration::from_millis(reload_ms),
-        search: search.mode()?,
         ..defaults
     };
+    if let Some(url) = super::pg::url(&db) {
+        return super::pg::serve(
+            url,
+            model.as_deref(),
+            weights.as_deref(),
+            opts,
+            &search,
+            allow_partial,
+            uploads,
+        );
+    }
+    if allow_partial || uploads.is_some() {
+        bail!(
+            "--allow-partial and --uploads are for a PostgreSQL store (--db postgres://…); \
+             a DB folder keeps uploads in DB/uploads/"
+        );
+    }
+    let opts = deeprank::serve::ServeOptions {
+        search: search.mode()?,
+        ..opts
+    };
+    let db = Db::open(&db)?;
+    let emb = query::embedder_for_db(&db, model.as_deref(), weights.as_deref())?;
     deeprank::serve::serve(db, emb, opts)?;
     Ok(())
 }

@@ -190,6 +190,10 @@ pub struct QueryArgs {
     /// Only rows matching: class=CLASS_ID or path=PREFIX (of the stored path); repeat to combine.
     #[arg(long = "where", value_name = "class=ID|path=PREFIX")]
     wheres: Vec<String>,
+    /// On a sharded PostgreSQL store: leave out the shards that cannot be reached (a warning names
+    /// them) instead of failing.
+    #[arg(long)]
+    allow_partial: bool,
 }
 
 #[derive(clap::Args)]
@@ -261,6 +265,14 @@ pub struct ServeArgs {
     /// Milliseconds between checks of the DB's commit record for changes (0: only POST /api/reload).
     #[arg(long, default_value_t = 1000)]
     reload_ms: u64,
+    /// With a PostgreSQL store and --writable: the folder uploaded images are kept in (the store
+    /// holds their path; a DB folder keeps them in DB/uploads/).
+    #[arg(long)]
+    uploads: Option<PathBuf>,
+    /// On a sharded PostgreSQL store: answer without the shards that cannot be reached, marked
+    /// `"partial": true` with `missing_shards`, instead of 503.
+    #[arg(long)]
+    allow_partial: bool,
     #[command(flatten)]
     search: index::SearchFlags,
 }

@@ -14,7 +14,9 @@ use deeprank::store::db::Entry;
 use deeprank::store::db::escape_path;
 use deeprank::store::pg::embed::{PgReport, Snapshot, Worker, embed_entries, store_meta};
 use deeprank::store::pg::write::RemoveTarget;
-use deeprank::store::pg::{Filter, Iterative, PgStore, ShardOptions, init_sharded, is_store_url};
+use deeprank::store::pg::{
+    Filter, Iterative, PgStore, ShardOptions, init_sharded, is_store_url, redact,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -28,7 +30,7 @@ pub fn refuse(db: &Path, command: &str) -> Result<()> {
     if url(db).is_some() {
         bail!(
             "{command} works on a DB folder; it is not implemented for a PostgreSQL store \
-             (embed, add, remove, query, eval, duplicates and index take --db postgres://…)"
+             (embed, add, remove, sync, query, eval, duplicates, index and serve take --db postgres://…)"
         );
     }
     Ok(())
@@ -137,6 +139,20 @@ pub fn add(a: AddArgs, url: &str) -> Result<()> {
     report(&rep, &mut store, "add")
 }
 
+/// `deeprank sync --db postgres://… --data ROOT`: the store's rows under ROOT made to match it.
+pub fn sync(
+    url: &str,
+    data: &Path,
+    opts: &deeprank::store::changes::Options,
+    model: &Option<String>,
+    weights: &Option<PathBuf>,
+) -> Result<deeprank::store::changes::Report> {
+    let mut store = PgStore::open(url, None)?;
+    deeprank::store::pg::sync::sync(&mut store, data, opts, &mut |st| {
+        search_pg::embedder_for_store(st, model.as_deref(), weights.as_deref())
+    })
+}
+
 /// `deeprank remove --db postgres://…`: by id, file path or folder; every target must match.
 pub fn remove(a: RemoveArgs, url: &str) -> Result<()> {
     let mut store = PgStore::open(url, None)?;
@@ -186,21 +202,69 @@ pub fn remove(a: RemoveArgs, url: &str) -> Result<()> {
 pub fn query(a: &QueryArgs, url: &str) -> Result<Vec<deeprank::search::query::QueryResult>> {
     let mut store = PgStore::open(url, None)?;
     let emb = search_pg::embedder_for_store(&store, a.model.as_deref(), a.weights.as_deref())?;
-    if a.search.recall.is_some() {
+    let mode = search_mode(&store, &a.search, url)?;
+    let filter = parse_where(&a.wheres)?;
+    let (results, missing) = search_pg::query(
+        &mut store,
+        &emb,
+        &a.images,
+        a.top,
+        mode,
+        &filter,
+        a.allow_partial,
+    )?;
+    for s in &missing {
+        eprintln!(
+            "warning: partial results: shard {} ({}) could not be reached and was left out",
+            s.partition,
+            redact(&s.url)
+        );
+    }
+    Ok(results)
+}
+
+/// `deeprank serve --db postgres://…`.
+pub fn serve(
+    url: &str,
+    model: Option<&str>,
+    weights: Option<&Path>,
+    opts: deeprank::serve::ServeOptions,
+    search: &super::index::SearchFlags,
+    allow_partial: bool,
+    uploads: Option<PathBuf>,
+) -> Result<()> {
+    let store = PgStore::open(url, None)?;
+    let emb = search_pg::embedder_for_store(&store, model, weights)?;
+    let mode = search_mode(&store, search, url)?;
+    let store_opts = deeprank::serve::StoreServeOptions {
+        mode,
+        allow_partial,
+        uploads,
+    };
+    deeprank::serve::serve_store(store, emb, opts, store_opts)
+}
+
+/// `--exact`/`--ef` for a store (`--recall` is the local index's).
+fn search_mode(
+    store: &PgStore,
+    s: &super::index::SearchFlags,
+    url: &str,
+) -> Result<deeprank::store::pg::Mode> {
+    if s.ef == Some(0) {
+        bail!("--ef must be at least 1");
+    }
+    if s.recall.is_some() {
         bail!(
             "--recall needs the calibration of deeprank's own index; with a PostgreSQL store use --ef or --exact"
         );
     }
-    if store.is_sharded() && a.search.ef.is_some() {
+    if store.is_sharded() && s.ef.is_some() {
         bail!(
             "on a sharded store ef_search is the shards' setting, not a query's: \
              set it with `deeprank index --db {url} --ef N`"
         );
     }
-    let ef = a.search.ef.map(|e| e as u32);
-    let mode = search_pg::mode_for(&store, a.search.exact, ef);
-    let filter = parse_where(&a.wheres)?;
-    search_pg::query(&mut store, &emb, &a.images, a.top, mode, &filter)
+    Ok(search_pg::mode_for(store, s.exact, s.ef.map(|e| e as u32)))
 }
 
 /// The rows of a store in a temporary DB folder (for `eval` and `duplicates`).

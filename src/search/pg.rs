@@ -7,7 +7,7 @@ use crate::search::index::sq_l2;
 use crate::search::query::{QueryResult, ResultRow, embed_queries, guess_class};
 use crate::store::db::unescape_path;
 use crate::store::pg::embed::{db_meta, store_meta};
-use crate::store::pg::{Filter, Iterative, Mode, PgStore};
+use crate::store::pg::{Filter, Iterative, Mode, PgStore, Shard};
 use anyhow::{Context, Result, bail};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -85,8 +85,22 @@ pub fn rank(
     mode: Mode,
     filter: &Filter,
 ) -> Result<Vec<Ranked>> {
-    let mut hits: Vec<Ranked> = store
-        .candidates(q, k, mode, filter)?
+    Ok(rank_partial(store, q, k, mode, filter, false)?.0)
+}
+
+/// As [`rank`]; with `allow_partial` on a sharded store, the shards that could not be reached are
+/// left out and returned (empty: the answer is whole).
+pub fn rank_partial(
+    store: &mut PgStore,
+    q: &[f32],
+    k: usize,
+    mode: Mode,
+    filter: &Filter,
+    allow_partial: bool,
+) -> Result<(Vec<Ranked>, Vec<Shard>)> {
+    let found = store.search(q, k, mode, filter, allow_partial)?;
+    let mut hits: Vec<Ranked> = found
+        .rows
         .into_iter()
         .map(|c| Ranked {
             id: c.id,
@@ -98,10 +112,27 @@ pub fn rank(
         .collect();
     hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
     hits.truncate(k);
-    Ok(hits)
+    Ok((hits, found.missing))
 }
 
-/// `deeprank query --db postgres://…`: the top `top` rows for each query image.
+/// Ranked rows as result rows (`query_class`: the query's class, when known).
+pub fn result_rows(hits: Vec<Ranked>, query_class: Option<&str>) -> Vec<ResultRow> {
+    hits.into_iter()
+        .enumerate()
+        .map(|(r, h)| ResultRow {
+            rank: r + 1,
+            id: h.id as u64,
+            distance: h.distance,
+            same_class: query_class.and_then(|c| (!h.class_id.is_empty()).then(|| h.class_id == c)),
+            path: h.path,
+            class_id: h.class_id,
+            class_name: h.class_name,
+        })
+        .collect()
+}
+
+/// `deeprank query --db postgres://…`: the top `top` rows for each query image, and (with
+/// `allow_partial`) the shards left out of any of the answers.
 pub fn query(
     store: &mut PgStore,
     emb: &Embedder,
@@ -109,34 +140,28 @@ pub fn query(
     top: usize,
     mode: Mode,
     filter: &Filter,
-) -> Result<Vec<QueryResult>> {
+    allow_partial: bool,
+) -> Result<(Vec<QueryResult>, Vec<Shard>)> {
     let vecs = embed_queries(emb, images, top)?;
-    let classes: HashMap<String, String> = store.classes()?.into_iter().collect();
+    let classes: HashMap<String, String> =
+        store.classes_partial(allow_partial)?.into_iter().collect();
     let known: HashSet<&str> = classes.keys().map(String::as_str).collect();
     let mut out = Vec::new();
+    let mut missing: Vec<Shard> = Vec::new();
     for (p, v) in images.iter().zip(vecs) {
         let qc = guess_class(p, &known);
-        let results = rank(store, &v, top, mode, filter)?
-            .into_iter()
-            .enumerate()
-            .map(|(r, h)| ResultRow {
-                rank: r + 1,
-                id: h.id as u64,
-                distance: h.distance,
-                same_class: qc
-                    .as_ref()
-                    .and_then(|c| (!h.class_id.is_empty()).then(|| &h.class_id == c)),
-                path: h.path,
-                class_id: h.class_id,
-                class_name: h.class_name,
-            })
-            .collect();
+        let (hits, down) = rank_partial(store, &v, top, mode, filter, allow_partial)?;
+        for s in down {
+            if !missing.iter().any(|m| m.partition == s.partition) {
+                missing.push(s);
+            }
+        }
         out.push(QueryResult {
             image: p.clone(),
             class_name: qc.as_ref().and_then(|c| classes.get(c).cloned()),
+            results: result_rows(hits, qc.as_deref()),
             class_id: qc,
-            results,
         });
     }
-    Ok(out)
+    Ok((out, missing))
 }

@@ -6,6 +6,7 @@
 mod limits;
 mod live;
 mod routes;
+mod store;
 mod upload;
 mod worker;
 
@@ -22,6 +23,13 @@ use std::time::Duration;
 use worker::{Counters, Job, worker};
 
 pub use limits::upload_bytes;
+pub use store::StoreServeOptions;
+
+/// What is served: a DB folder (followed as it changes) or a PostgreSQL store.
+enum Source {
+    Folder(Arc<LiveDb>),
+    Store(Arc<store::StoreSource>),
+}
 
 pub(super) const INDEX: &str = include_str!("index.html");
 
@@ -79,23 +87,56 @@ impl Default for ServeOptions {
     }
 }
 
-/// Starts the server and runs until Ctrl-C. Prints `listening on http://ADDR` once bound.
-pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
-    query::check_compatible(&db, &emb)?;
+fn check_writable(opts: &ServeOptions) -> Result<()> {
     if opts.writable && opts.api_key.as_deref().is_none_or(str::is_empty) {
         bail!("--writable needs --api-key KEY (or DEEPRANK_API_KEY): uploads must be authorised");
     }
+    Ok(())
+}
+
+/// Starts the server over a DB folder and runs until Ctrl-C. Prints `listening on http://ADDR`
+/// once bound.
+pub fn serve(db: Db, emb: Embedder, opts: ServeOptions) -> Result<()> {
+    query::check_compatible(&db, &emb)?;
+    check_writable(&opts)?;
     let live = Arc::new(LiveDb::new(db, &emb));
     if !opts.reload_every.is_zero() {
         live.clone().poll(opts.reload_every)?;
     }
+    run(Source::Folder(live), emb, opts)
+}
+
+/// Starts the server over a PostgreSQL store (`emb`: the store's model) and runs until Ctrl-C.
+pub fn serve_store(
+    st: crate::store::pg::PgStore,
+    emb: Embedder,
+    opts: ServeOptions,
+    store_opts: StoreServeOptions,
+) -> Result<()> {
+    crate::search::pg::check_compatible(&st, &emb)?;
+    check_writable(&opts)?;
+    if opts.writable && store_opts.uploads.is_none() {
+        bail!(
+            "--writable with a PostgreSQL store needs --uploads DIR: the folder where uploaded images are kept \
+             (the store holds their path, vector and hash)"
+        );
+    }
+    let src = store::StoreSource::new(st, store_opts)?;
+    run(Source::Store(Arc::new(src)), emb, opts)
+}
+
+fn run(source: Source, emb: Embedder, opts: ServeOptions) -> Result<()> {
+    let live = match &source {
+        Source::Folder(l) => Some(l.clone()),
+        Source::Store(_) => None,
+    };
     let counters = Arc::new(Counters::default());
     // Admission keeps at most queue + max_batch uploads in flight, so the channel never fills;
     // its capacity matches.
     let (tx, rx) = sync_channel::<Job>(opts.admission_limit().max(1));
     let state = Arc::new(AppState {
         inflight: Arc::new(AtomicUsize::new(0)),
-        live: live.clone(),
+        source,
         jobs: tx,
         size: emb.size,
         model: emb.identity.clone(),

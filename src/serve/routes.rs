@@ -7,10 +7,9 @@ use crate::data::transform::{self, ImageError};
 use crate::search::ann::db::Where;
 use crate::search::query::ResultRow;
 use crate::serve::limits::{Admission, image_error, upload_bytes};
-use crate::serve::live::LiveDb;
 use crate::serve::upload;
 use crate::serve::worker::{Counters, Job, Ranked, Reply};
-use crate::serve::{INDEX, ServeOptions};
+use crate::serve::{INDEX, ServeOptions, Source, store};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -27,7 +26,8 @@ use tokio::sync::oneshot;
 pub(super) struct AppState {
     /// Uploads admitted and not yet answered (waiting, decoding or being embedded).
     pub(super) inflight: Arc<AtomicUsize>,
-    pub(super) live: Arc<LiveDb>,
+    /// The DB folder, or the PostgreSQL store, being served.
+    pub(super) source: Source,
     pub(super) jobs: SyncSender<Job>,
     pub(super) size: u32,
     pub(super) model: String,
@@ -36,7 +36,7 @@ pub(super) struct AppState {
 }
 
 #[derive(Serialize)]
-struct Hit {
+pub(super) struct Hit {
     rank: usize,
     id: u64,
     class_id: String,
@@ -63,7 +63,7 @@ struct SearchResponse {
     results: Vec<Hit>,
 }
 
-fn hits(rows: Vec<ResultRow>) -> Vec<Hit> {
+pub(super) fn hits(rows: Vec<ResultRow>) -> Vec<Hit> {
     rows.into_iter()
         .enumerate()
         .map(|(i, r)| Hit {
@@ -85,12 +85,12 @@ pub(super) fn err(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// The query string, as text: the handlers parse the numbers and say what is wrong.
 #[derive(Deserialize)]
-struct SearchParams {
+pub(super) struct SearchParams {
     top: Option<String>,
     id: Option<String>,
     /// `class=CLASS_ID` or `path=PREFIX`: only rows matching.
     #[serde(rename = "where")]
-    wheres: Option<String>,
+    pub(super) wheres: Option<String>,
 }
 
 /// The query string, or the JSON error every other refusal uses.
@@ -138,44 +138,74 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let c = &s.counters;
-    let v = s.live.get();
-    Json(serde_json::json!({
+impl AppState {
+    /// The fields of `/api/stats` that do not depend on what is served.
+    pub(super) fn counters_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let c = &self.counters;
+        let v = serde_json::json!({
+            "writable": self.opts.writable,
+            "model": self.model,
+            "size": self.size,
+            "requests": c.requests.load(Ordering::Relaxed),
+            "rejected_busy": c.busy.load(Ordering::Relaxed),
+            "client_errors": c.client_errors.load(Ordering::Relaxed),
+            "batches": c.batches.load(Ordering::Relaxed),
+            "embedded": c.embedded.load(Ordering::Relaxed),
+            "largest_batch": c.largest_batch.load(Ordering::Relaxed),
+            "max_upload_bytes": self.opts.max_upload,
+            "in_flight": self.inflight.load(Ordering::Relaxed),
+            "admission_limit": self.opts.admission_limit(),
+            "runtime_threads": tokio::runtime::Handle::current().metrics().num_workers(),
+        });
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a JSON object"),
+        }
+    }
+}
+
+async fn stats(State(s): State<Arc<AppState>>) -> Response {
+    let live = match &s.source {
+        Source::Folder(l) => l,
+        Source::Store(src) => return store::stats(&s, src).await,
+    };
+    let v = live.get();
+    let mut j = s.counters_json();
+    let own = serde_json::json!({
         "count": v.db.len(),
         "generation": v.db.state.generation,
-        "writable": s.opts.writable,
         "dim": v.db.meta.dim,
-        "model": s.model,
-        "size": s.size,
         "normalized": v.db.meta.normalized,
         "classes": v.classes,
         "labelled": v.classes > 0,
-        "requests": c.requests.load(Ordering::Relaxed),
-        "rejected_busy": c.busy.load(Ordering::Relaxed),
-        "client_errors": c.client_errors.load(Ordering::Relaxed),
-        "batches": c.batches.load(Ordering::Relaxed),
-        "embedded": c.embedded.load(Ordering::Relaxed),
-        "largest_batch": c.largest_batch.load(Ordering::Relaxed),
-        "max_upload_bytes": s.opts.max_upload,
-        "in_flight": s.inflight.load(Ordering::Relaxed),
-        "admission_limit": s.opts.admission_limit(),
-        "runtime_threads": tokio::runtime::Handle::current().metrics().num_workers(),
         "index": v.index.as_ref().map(|ix| serde_json::json!({
             "file": ix.path.file_name().map(|n| n.to_string_lossy().to_string()),
             "rows": ix.rows,
             "tail_rows": v.db.rows() - ix.rows,
         })),
         "index_error": v.index_error,
-    }))
+    });
+    if let serde_json::Value::Object(own) = own {
+        j.extend(own);
+    }
+    Json(serde_json::Value::Object(j)).into_response()
 }
 
 async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
-    let v = s.live.get();
+    let live = match &s.source {
+        Source::Folder(l) => l,
+        Source::Store(src) => return store::image(src, &id).await,
+    };
+    let v = live.get();
     let Some(row) = id.parse::<u64>().ok().and_then(|i| v.db.row_of(i)) else {
         return err(StatusCode::NOT_FOUND, format!("no image with id {id}"));
     };
     let path = v.db.entries[row].path.clone();
+    image_file(&path, &id).await
+}
+
+/// The image file of row `id`, with its content type (404 when the file is gone).
+pub(super) async fn image_file(path: &std::path::Path, id: &str) -> Response {
     let ct = match path
         .extension()
         .and_then(|x| x.to_str())
@@ -188,7 +218,7 @@ async fn image(State(s): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> 
         Some(x) if x == "tif" || x == "tiff" => "image/tiff",
         _ => "image/jpeg",
     };
-    match tokio::fs::read(&path).await {
+    match tokio::fs::read(path).await {
         Ok(b) => (
             [
                 (header::CONTENT_TYPE, ct),
@@ -228,7 +258,11 @@ async fn search_by_id(
             err(StatusCode::BAD_REQUEST, "give ?id=K, or POST an image"),
         );
     };
-    let view = s.live.get();
+    let live = match &s.source {
+        Source::Folder(l) => l,
+        Source::Store(src) => return store::search_by_id(src, &p, top, id_text).await,
+    };
+    let view = live.get();
     let db = &view.db;
     let row = if id_text == "random" {
         // The page's "random" button: any live row.
@@ -317,6 +351,14 @@ async fn search_upload(
         Ok(v) => v,
         Err(r) => return r,
     };
+    if let Source::Store(src) = &s.source {
+        // The worker embeds; the database ranks (off the worker, which serves other uploads).
+        let vector = match s.embed(input).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        return store::search_vector(src, &p, top, vector, t0).await;
+    }
     let (tx, rx) = oneshot::channel();
     if let Err(r) = s.submit(Job {
         input,
@@ -372,6 +414,23 @@ impl AppState {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(client_error(self, image_error(e))),
             Err(_) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "decoding failed")),
+        }
+    }
+
+    /// The vector of an upload's decoded input, from the embedding worker.
+    pub(super) async fn embed(&self, input: Vec<f32>) -> Result<Vec<f32>, Response> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job {
+            input,
+            reply: Reply::Vector(tx),
+        })?;
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e)),
+            Err(_) => Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the embedding worker stopped",
+            )),
         }
     }
 

@@ -7,7 +7,7 @@
 
 use crate::serve::limits::{Admission, upload_bytes};
 use crate::serve::routes::{AppState, client_error, err};
-use crate::serve::worker::{Job, Reply};
+use crate::serve::{Source, store};
 use crate::store::uploads::store_upload;
 use axum::Json;
 use axum::extract::{Query, Request, State};
@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::sync::oneshot;
 
 #[derive(Deserialize)]
 pub(super) struct UploadParams {
@@ -79,27 +78,17 @@ pub(super) async fn upload(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let (tx, rx) = oneshot::channel();
-    if let Err(r) = s.submit(Job {
-        input,
-        reply: Reply::Vector(tx),
-    }) {
-        return r;
-    }
-    let vector = match rx.await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return err(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(_) => {
-            return err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the embedding worker stopped",
-            );
-        }
+    let vector = match s.embed(input).await {
+        Ok(v) => v,
+        Err(r) => return r,
     };
-    let st = s.clone();
+    let live = match &s.source {
+        Source::Folder(l) => l.clone(),
+        Source::Store(src) => return store::upload(src, bytes, name, vector).await,
+    };
     let stored = tokio::task::spawn_blocking(move || {
-        let stored = store_upload(st.live.dir(), &bytes, &name, vector)?;
-        st.live.reload()?;
+        let stored = store_upload(live.dir(), &bytes, &name, vector)?;
+        live.reload()?;
         anyhow::Ok(stored)
     })
     .await;
@@ -129,10 +118,14 @@ pub(super) async fn upload(
 
 /// `POST /api/reload`: reopens the DB if it changed; answers its generation and count.
 pub(super) async fn reload(State(s): State<Arc<AppState>>) -> Response {
-    let st = s.clone();
-    match tokio::task::spawn_blocking(move || st.live.reload()).await {
+    let live = match &s.source {
+        Source::Folder(l) => l.clone(),
+        Source::Store(src) => return store::reload(src).await,
+    };
+    let l = live.clone();
+    match tokio::task::spawn_blocking(move || l.reload()).await {
         Ok(Ok(changed)) => {
-            let v = s.live.get();
+            let v = live.get();
             Json(serde_json::json!({
                 "reloaded": changed,
                 "generation": v.db.state.generation,

@@ -58,7 +58,7 @@ pub(super) struct Counters {
 /// The embedding worker: takes a job, waits briefly for more, embeds them as one batch, ranks.
 pub(super) fn worker(
     emb: Embedder,
-    live: Arc<LiveDb>,
+    live: Option<Arc<LiveDb>>,
     rx: Receiver<Job>,
     opts: ServeOptions,
     counters: Arc<Counters>,
@@ -84,18 +84,22 @@ pub(super) fn worker(
         }
         match emb.embed_batch(buf, n) {
             Ok(vecs) => {
-                // The whole batch ranks against one generation.
-                let view = live.get();
+                // The whole batch ranks against one generation (a store's searches send
+                // `Reply::Vector` and rank in the database).
+                let view = live.as_ref().map(|l| l.get());
                 for (j, v) in jobs.into_iter().zip(vecs.chunks_exact(emb.dim)) {
-                    match j.reply {
-                        Reply::Search { top, wheres, tx } => {
+                    match (j.reply, &view) {
+                        (Reply::Search { tx, .. }, None) => {
+                            let _ = tx.send(Err("no DB folder to rank against".into()));
+                        }
+                        (Reply::Search { top, wheres, tx }, Some(view)) => {
                             let rows = view.rank(opts.search, &wheres, v, None, top, None);
                             let _ = tx.send(Ok(Ranked {
                                 generation: view.db.state.generation,
                                 rows,
                             }));
                         }
-                        Reply::Vector(tx) => {
+                        (Reply::Vector(tx), _) => {
                             let _ = tx.send(Ok(v.to_vec()));
                         }
                     }

@@ -9,9 +9,9 @@ use crate::infer::embedder::Embedder;
 use crate::infer::stream::embed_stream;
 use crate::store::commit::{Change, NewRow, Repair, Wait, Writer};
 use crate::store::db::{Db, Entry};
-use crate::store::manifest::{Stamp, stat};
+use crate::store::manifest::Stamp;
+use crate::store::plan::{Item, files_under, plan_sync, stamp_all};
 use anyhow::{Context, Result, bail};
-use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,13 +103,6 @@ pub fn class_of(path: &Path, known: &HashMap<String, String>) -> (String, String
     (String::new(), String::new())
 }
 
-/// One file to embed, and the row it replaces.
-struct Item {
-    path: PathBuf,
-    stamp: Stamp,
-    replaces: Option<u64>,
-}
-
 /// The DB's classes: id → name (for new files in a class folder).
 fn classes(db: &Db) -> HashMap<String, String> {
     let mut out: HashMap<String, String> = HashMap::new();
@@ -173,39 +166,6 @@ impl Live {
         }
         l
     }
-
-    /// Forgets a row that this command removes (its content may then be added again).
-    fn forget(&mut self, db: &Db, id: u64) {
-        if let Some(r) = db.row_of(id)
-            && let Some(h) = db.stamps[r].sha256
-            && self.by_hash.get(&h) == Some(&id)
-        {
-            self.by_hash.remove(&h);
-        }
-    }
-}
-
-/// Hashes files in parallel; unreadable ones are returned as skipped.
-fn stamp_all(paths: Vec<PathBuf>) -> (Vec<(PathBuf, Stamp)>, Vec<Skipped>) {
-    let res: Vec<_> = paths
-        .into_par_iter()
-        .map(|p| match Stamp::of_file(&p) {
-            Ok(s) => Ok((p, s)),
-            Err(e) => Err(Skipped {
-                path: p,
-                reason: format!("{e:#}"),
-            }),
-        })
-        .collect();
-    let mut ok = Vec::new();
-    let mut bad = Vec::new();
-    for r in res {
-        match r {
-            Ok(x) => ok.push(x),
-            Err(s) => bad.push(s),
-        }
-    }
-    (ok, bad)
 }
 
 /// Embeds the items and commits them in chunks, with `remove` in the first commit.
@@ -404,90 +364,36 @@ pub fn remove(dir: &Path, targets: &[String]) -> Result<Report> {
 pub fn sync(dir: &Path, root: &Path, opts: &Options, make: MakeEmbedder) -> Result<Report> {
     let t0 = Instant::now();
     let mut rep = Report::default();
-    if !root.is_dir() {
-        bail!("--data {} is not a folder", root.display());
-    }
-    let mut files = Vec::new();
-    walk(root, &mut files, &mut rep.ignored)?;
-    let files: Vec<PathBuf> = files.iter().map(|p| normalize(p)).collect();
+    let files = files_under(root, &mut rep.ignored)?;
     let root = normalize(root);
     let mut w = Writer::open(dir, Wait::Block)?;
     let db = w.db();
-    let mut live = Live::new(db);
-    let on_disk: HashSet<&PathBuf> = files.iter().collect();
-    let mut vanished = Vec::new();
-    for (p, &(id, r)) in &live.by_path {
-        if p.starts_with(&root) && !on_disk.contains(p) {
-            vanished.push((id, db.entries[r].path.clone()));
-        }
-    }
-    vanished.sort();
-    // Files whose size and time match their row are unchanged without reading them.
-    let mut to_hash = Vec::new();
-    let mut known = HashMap::new();
-    for p in files {
-        match live.by_path.get(&p) {
-            Some(&(id, r)) => {
-                let s = db.stamps[r];
-                let same =
-                    stat(&p).is_ok_and(|(size, t)| s.size == Some(size) && s.mtime_ns == Some(t));
-                if same && s.sha256.is_some() {
-                    rep.unchanged += 1;
-                } else {
-                    known.insert(p.clone(), (id, s.sha256));
-                    to_hash.push(p);
-                }
-            }
-            None => to_hash.push(p),
-        }
-    }
-    let (stamped, unreadable) = stamp_all(to_hash);
-    rep.skipped = unreadable;
-    for (id, _) in &vanished {
-        live.forget(db, *id);
-    }
-    let mut replaced = Vec::new();
-    for (p, s) in &stamped {
-        if let Some(&(id, old)) = known.get(p)
-            && old != s.sha256
-        {
-            live.forget(db, id);
-            replaced.push(id);
-        }
-    }
-    let mut items = Vec::new();
-    let mut stale = Vec::new();
-    for (path, stamp) in stamped {
-        let hash = stamp.sha256.context("hash")?;
-        let old = known.get(&path).copied();
-        if let Some((_, h)) = old
-            && h == Some(hash)
-        {
-            rep.unchanged += 1;
-            continue;
-        }
-        let replaces = old.map(|(id, _)| id);
-        if replaces.is_some() {
-            rep.changed += 1;
-        }
-        if let Some(&of) = live.by_hash.get(&hash) {
-            rep.duplicates.push(Duplicate { path, of });
-            // A changed file whose new bytes are elsewhere in the DB: its old row still goes.
-            stale.extend(replaces);
-            continue;
-        }
-        live.by_hash.insert(hash, u64::MAX);
-        items.push(Item {
-            path,
-            stamp,
-            replaces,
-        });
-    }
-    let mut remove: Vec<u64> = vanished.iter().map(|x| x.0).chain(stale).collect();
-    remove.sort_unstable();
-    remove.dedup();
-    rep.removed = vanished;
-    apply(&mut w, items, remove, opts, make, &mut rep)?;
+    let live = Live::new(db);
+    let rows: HashMap<PathBuf, (u64, Stamp)> = live
+        .by_path
+        .iter()
+        .map(|(p, &(id, r))| (p.clone(), (id, db.stamps[r])))
+        .collect();
+    let plan = plan_sync(&root, files, &rows, &mut |hs| {
+        Ok(hs
+            .iter()
+            .filter_map(|h| live.by_hash.get(h).map(|&id| (*h, id)))
+            .collect())
+    })?;
+    rep.unchanged = plan.unchanged;
+    rep.changed = plan.changed;
+    rep.duplicates = plan.duplicates;
+    rep.skipped = plan.skipped;
+    // The removed rows' paths as stored.
+    rep.removed = plan
+        .vanished
+        .into_iter()
+        .map(|(id, p)| match db.row_of(id) {
+            Some(r) => (id, db.entries[r].path.clone()),
+            None => (id, p),
+        })
+        .collect();
+    apply(&mut w, plan.items, plan.remove, opts, make, &mut rep)?;
     fix_duplicate_ids(&mut rep, w.db());
     finish(&mut w, &mut rep, t0)?;
     Ok(rep)

@@ -14,5 +14,6 @@ pub mod db;
 pub mod manifest;
 pub mod npy;
 pub mod pg;
+pub mod plan;
 pub mod state;
 pub mod uploads;

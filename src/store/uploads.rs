@@ -71,17 +71,7 @@ pub fn store_upload(dir: &Path, bytes: &[u8], name: &str, vector: Vec<f32>) -> R
             live: db.len(),
         });
     }
-    let folder = normalize(&dir.join(UPLOADS));
-    std::fs::create_dir_all(&folder)
-        .with_context(|| format!("cannot create {}", folder.display()))?;
-    let path = folder.join(format!("{}-{}", &hex(&hash)[..12], safe_name(name, bytes)));
-    let tmp = folder.join(format!(".upload-{}.tmp", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    let path = write_upload(&dir.join(UPLOADS), &hash, name, bytes)?;
     let stamp = Stamp::of_file(&path)?;
     let ids = w.commit(&Change {
         add: vec![NewRow {
@@ -102,4 +92,29 @@ pub fn store_upload(dir: &Path, bytes: &[u8], name: &str, vector: Vec<f32>) -> R
         generation: w.db().state.generation,
         live: w.db().len(),
     })
+}
+
+/// Writes an upload's bytes durably into `folder` (created if missing) as
+/// `<first 12 hex digits of the SHA-256>-<cleaned name>`: a temporary file, flushed to disk,
+/// renamed into place, the folder flushed. Returns the file's absolute path.
+pub fn write_upload(folder: &Path, hash: &[u8; 32], name: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let folder = normalize(folder);
+    std::fs::create_dir_all(&folder)
+        .with_context(|| format!("cannot create {}", folder.display()))?;
+    let path = folder.join(format!("{}-{}", &hex(hash)[..12], safe_name(name, bytes)));
+    // Unique per call: uploads into a store are not serialised by a writer lock.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = folder.join(format!(".upload-{}-{seq}.tmp", std::process::id()));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(&folder) {
+        let _ = d.sync_all();
+    }
+    Ok(path)
 }

@@ -64,4 +64,5 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 pub mod changes;
+pub mod pg;
 pub mod server;

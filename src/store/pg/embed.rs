@@ -10,6 +10,7 @@ use crate::infer::stream::embed_stream;
 use crate::store::build::meta_for;
 use crate::store::db::{Db, DbWriter, Entry, Meta, escape_path, unescape_path};
 use crate::store::manifest::{Stamp, sha256};
+use crate::store::uploads::write_upload;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -163,6 +164,57 @@ pub fn embed_entries(
     }
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// What storing an upload into a store did.
+#[derive(Clone, Debug)]
+pub struct PgStored {
+    pub id: i64,
+    pub path: PathBuf,
+    /// The same bytes were stored already (under `id`); nothing was written.
+    pub duplicate: bool,
+}
+
+/// An image uploaded through the server: its bytes written durably into `folder`
+/// ([`write_upload`]), then its row (the vector the caller computed with the store's model)
+/// committed in one transaction before this returns, so an acknowledged upload is in the store.
+pub fn store_upload(
+    store: &mut PgStore,
+    folder: &Path,
+    bytes: &[u8],
+    name: &str,
+    vector: &[f32],
+) -> Result<PgStored> {
+    let hash = sha256(bytes);
+    let id = id_from_hash(&hash);
+    if !store.stored_hashes(&[hash.as_slice()])?.is_empty() {
+        let path = store
+            .get(id)?
+            .map(|r| unescape_path(&r.path))
+            .unwrap_or_default();
+        return Ok(PgStored {
+            id,
+            path,
+            duplicate: true,
+        });
+    }
+    let path = write_upload(folder, &hash, name, bytes)?;
+    let escaped = escape_path(&path);
+    let row = RowRef {
+        id,
+        path: &escaped,
+        class: "",
+        class_name: "",
+        content_hash: &hash,
+        embedding: vector,
+    };
+    // A concurrent upload of the same bytes may have committed first: then none is new here.
+    let new = store.push(row)? + store.flush()?;
+    Ok(PgStored {
+        id,
+        path,
+        duplicate: new == 0,
+    })
 }
 
 /// A store's rows copied into a DB folder (streamed: a fixed working set), removed when dropped:

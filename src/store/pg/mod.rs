@@ -22,15 +22,17 @@
 //!
 //! Files: this one (URL, metadata, rows, the store's fields), [`store`] (schema, create, open),
 //! [`write`] (idempotent batches), [`read`] (streaming reads, search SQL, HNSW), [`shard`]
-//! (postgres_fdw sharding) and [`embed`] (images embedded into a store, a store read into a DB folder).
+//! (postgres_fdw sharding), [`embed`] (images embedded into a store, a store read into a DB
+//! folder, uploads) and [`sync`] (a store's rows under a folder made to match its files).
 
 pub mod embed;
 pub mod read;
 pub mod shard;
 pub mod store;
+pub mod sync;
 pub mod write;
 
-pub use read::{Candidate, Filter, Iterative, Mode};
+pub use read::{Candidate, Filter, Iterative, Mode, Searched};
 pub use shard::{Shard, ShardOptions, init_sharded};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -124,11 +126,95 @@ impl StoreUrl {
     }
 
     pub fn connect(&self) -> Result<Client> {
-        let cfg =
+        let mut cfg =
             Config::from_str(&self.conn).map_err(|e| anyhow!("bad store URL {}: {e}", self.url))?;
-        cfg.connect(NoTls)
-            .map_err(|e| anyhow!("cannot connect to {}: {}", self.url, pg_err(&e)))
+        if cfg.get_connect_timeout().is_none() {
+            // A server that does not answer fails the call rather than hanging it.
+            cfg.connect_timeout(CONNECT_TIMEOUT);
+        }
+        cfg.connect(NoTls).map_err(|e| {
+            let msg = format!("cannot connect to {}: {}", self.shown(), pg_err(&e));
+            if is_unreachable(&e) {
+                anyhow::Error::new(Unreachable {
+                    server: self.shown(),
+                    shard: None,
+                    message: msg,
+                })
+            } else {
+                anyhow!(msg)
+            }
+        })
     }
+
+    /// The URL without its password (for messages a client may see).
+    pub fn shown(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+/// How long a connection attempt waits when the URL sets no `connect_timeout`.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `postgres://user:secret@host/…` → `postgres://user:***@host/…`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// A database server (or a shard behind the coordinator) that cannot be reached now: refused or
+/// dropped connections, a server shutting down or starting up. A caller that can wait (the
+/// server) answers "unavailable" and tries again later; anything else is a real error.
+#[derive(Debug)]
+pub struct Unreachable {
+    /// The server's URL (password removed).
+    pub server: String,
+    /// The foreign partition, when a shard behind the coordinator is the one unreachable.
+    pub shard: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// The [`Unreachable`] cause of an error, if that is what it is.
+pub fn unreachable(e: &anyhow::Error) -> Option<&Unreachable> {
+    e.chain().find_map(|c| c.downcast_ref::<Unreachable>())
+}
+
+/// Whether a driver error means the server (or a shard the coordinator asked) is unreachable:
+/// a closed connection, an I/O error or timeout, SQLSTATE class 08 (connection exception, as
+/// postgres_fdw reports a shard it cannot reach), or 57P01-57P03 (shutting down, crashed,
+/// starting up).
+pub fn is_unreachable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(c) = e.code() {
+        let c = c.code();
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        src = s.source();
+    }
+    e.to_string().contains("timed out")
 }
 
 /// Double-quoted identifier (names are validated, quoting keeps reserved words safe).
@@ -304,6 +390,21 @@ mod tests {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }
         assert!(is_store_url("postgres://x") && !is_store_url("./postgres"));
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            redact("postgres://me:s3cr@t@h:5/db?table=x"),
+            "postgres://me:***@h:5/db?table=x"
+        );
+        for same in [
+            "postgres://me@h/db",
+            "postgres://h/db?x=a@b",
+            "postgres://h:5/db",
+        ] {
+            assert_eq!(redact(same), same);
+        }
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! sub-select per shard so each returns only its top k), `EXPLAIN`, and the HNSW index.
 
 use super::shard::shard_err;
-use super::{EXACT_MARGIN, PgCtx, PgStore, StoreUrl, StoredRow, like_prefix, lit, pg_err, q};
+use super::{
+    EXACT_MARGIN, PgCtx, PgStore, Shard, StoreUrl, StoredRow, like_prefix, lit, q, unreachable,
+};
 use anyhow::{Context, Result, bail};
 use pgvector::Vector;
 use postgres::Client;
 use postgres::binary_copy::BinaryCopyOutIter;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 /// `--where` filters, as SQL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,6 +47,14 @@ pub enum Mode {
     Hnsw { ef: u32, iterative: Iterative },
 }
 
+/// What a search returned: the rows, and the shards left out of a partial answer.
+#[derive(Clone, Debug)]
+pub struct Searched {
+    pub rows: Vec<Candidate>,
+    /// Shards that could not be reached and were skipped (only with `allow_partial`).
+    pub missing: Vec<Shard>,
+}
+
 /// A row a search returned, with its vector (so the caller ranks it by deeprank's own distance).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Candidate {
@@ -69,7 +79,7 @@ impl PgStore {
         let (shards, url) = (self.shards.clone(), self.url.clone());
         let reader = match self.client.copy_out(&sql) {
             Ok(r) => r,
-            Err(e) => return Err(shard_err(&shards, &url, "reading rows", &pg_err(&e))),
+            Err(e) => return Err(shard_err(&shards, &url, "reading rows", &e)),
         };
         let mut it = BinaryCopyOutIter::new(reader, &types);
         loop {
@@ -77,7 +87,7 @@ impl PgStore {
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
-                    return Err(shard_err(&shards, &url, "reading rows", &pg_err(&e)));
+                    return Err(shard_err(&shards, &url, "reading rows", &e));
                 }
             };
             let v: Vector = row.get(5);
@@ -89,6 +99,33 @@ impl PgStore {
                 content_hash: row.get(4),
                 embedding: v.to_vec(),
             })?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Streams (id, path, content hash) of every row through `f`: what `sync` compares, without
+    /// the vectors.
+    pub fn for_each_key(
+        &mut self,
+        mut f: impl FnMut(i64, String, Vec<u8>) -> Result<()>,
+    ) -> Result<u64> {
+        let sql = format!(
+            "COPY (SELECT id, path, content_hash FROM {}) TO STDOUT (FORMAT binary)",
+            q(&self.url.table)
+        );
+        let (shards, url) = (self.shards.clone(), self.url.clone());
+        let reader = self
+            .client
+            .copy_out(&sql)
+            .map_err(|e| shard_err(&shards, &url, "reading rows", &e))?;
+        let mut it = BinaryCopyOutIter::new(reader, &[Type::INT8, Type::TEXT, Type::BYTEA]);
+        let mut n = 0;
+        while let Some(row) = it
+            .next()
+            .map_err(|e| shard_err(&shards, &url, "reading rows", &e))?
+        {
+            f(row.get(0), row.get(1), row.get(2))?;
             n += 1;
         }
         Ok(n)
@@ -150,6 +187,18 @@ impl PgStore {
     /// The SQL of a search returning `fetch` rows: `$1` is the query vector, then the filters
     /// (class, LIKE pattern) in that order, where given.
     pub fn search_sql(&self, mode: Mode, filter: &Filter, fetch: usize) -> String {
+        let all: Vec<&Shard> = self.shards.iter().collect();
+        self.search_sql_over(mode, filter, fetch, &all)
+    }
+
+    /// [`PgStore::search_sql`] over some of the shards only (all of them when not sharded).
+    fn search_sql_over(
+        &self,
+        mode: Mode,
+        filter: &Filter,
+        fetch: usize,
+        parts: &[&Shard],
+    ) -> String {
         let mut conds = Vec::new();
         let mut n = 1;
         if filter.class.is_some() {
@@ -182,9 +231,9 @@ impl PgStore {
             // One sub-select per foreign partition: postgres_fdw ships ORDER BY … LIMIT to each
             // shard (it ships no LIMIT for the partitioned parent). Ordering the union by `d + 0`
             // rather than `d` makes the planner use Append + Sort instead of Merge Append, and
-            // Append runs the shards' scans concurrently (async_capable).
-            let parts: Vec<String> = self
-                .shards
+            // Append runs the shards' scans concurrently (async_capable). Left-out shards (a
+            // partial answer) are simply not in the union.
+            let parts: Vec<String> = parts
                 .iter()
                 .map(|s| format!("({})", one(&q(&s.partition))))
                 .collect();
@@ -206,6 +255,21 @@ impl PgStore {
         mode: Mode,
         filter: &Filter,
     ) -> Result<Vec<Candidate>> {
+        Ok(self.search(query, k, mode, filter, false)?.rows)
+    }
+
+    /// As [`PgStore::candidates`]; with `allow_partial` on a sharded store, a shard that cannot
+    /// be reached is left out of the union and named in [`Searched::missing`] (the search is
+    /// asked again of the others: one more round trip per shard down). An error that is not an
+    /// unreachable shard, or every shard down, is still an error.
+    pub fn search(
+        &mut self,
+        query: &[f32],
+        k: usize,
+        mode: Mode,
+        filter: &Filter,
+        allow_partial: bool,
+    ) -> Result<Searched> {
         if query.len() != self.meta.dim {
             bail!(
                 "query of dimension {} for a store of dimension {}",
@@ -213,14 +277,17 @@ impl PgStore {
                 self.meta.dim
             );
         }
+        let mut missing: Vec<Shard> = Vec::new();
         if k == 0 {
-            return Ok(Vec::new());
+            return Ok(Searched {
+                rows: Vec::new(),
+                missing,
+            });
         }
         let fetch = match mode {
             Mode::Exact => k + EXACT_MARGIN,
             Mode::Hnsw { .. } => k,
         };
-        let sql = self.search_sql(mode, filter, fetch);
         let qv = Vector::from(query.to_vec());
         let like = filter.path_prefix.as_deref().map(like_prefix);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&qv];
@@ -231,32 +298,99 @@ impl PgStore {
             params.push(l);
         }
         let sharded = self.is_sharded();
-        let res = (|| {
-            let mut tx = self.client.transaction()?;
-            if let Mode::Hnsw { ef, iterative } = mode
-                && !sharded
-            {
-                tx.batch_execute(&hnsw_settings(ef, iterative, filter))?;
-            }
-            let rows = tx.query(&sql, &params)?;
-            tx.commit()?;
-            Ok(rows)
-        })();
-        let rows = res.map_err(|e| self.qerr("search", e))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let v: Vector = r.get(4);
-                Candidate {
-                    id: r.get(0),
-                    path: r.get(1),
-                    class: r.get(2),
-                    class_name: r.get(3),
-                    embedding: v.to_vec(),
-                    pg_distance: r.get(5),
+        loop {
+            let parts: Vec<&Shard> = self
+                .shards
+                .iter()
+                .filter(|s| !missing.iter().any(|m| m.partition == s.partition))
+                .collect();
+            let sql = self.search_sql_over(mode, filter, fetch, &parts);
+            let res = (|| {
+                let mut tx = self.client.transaction()?;
+                if let Mode::Hnsw { ef, iterative } = mode
+                    && !sharded
+                {
+                    tx.batch_execute(&hnsw_settings(ef, iterative, filter))?;
                 }
-            })
-            .collect())
+                let rows = tx.query(&sql, &params)?;
+                tx.commit()?;
+                Ok(rows)
+            })();
+            let rows = match res {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let err = self.qerr("search", e);
+                    let down = unreachable(&err)
+                        .and_then(|u| u.shard.clone())
+                        .and_then(|p| self.shards.iter().find(|s| s.partition == p).cloned());
+                    match down {
+                        Some(s) if allow_partial && missing.len() + 1 < self.shards.len() => {
+                            missing.push(s);
+                            continue;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            };
+            let rows = rows
+                .into_iter()
+                .map(|r| {
+                    let v: Vector = r.get(4);
+                    Candidate {
+                        id: r.get(0),
+                        path: r.get(1),
+                        class: r.get(2),
+                        class_name: r.get(3),
+                        embedding: v.to_vec(),
+                        pg_distance: r.get(5),
+                    }
+                })
+                .collect();
+            return Ok(Searched { rows, missing });
+        }
+    }
+
+    /// The row with this id, if any.
+    pub fn get(&mut self, id: i64) -> Result<Option<StoredRow>> {
+        let sql = format!(
+            "SELECT id, path, class, class_name, content_hash, embedding FROM {} WHERE id = $1",
+            q(&self.url.table)
+        );
+        let row = self
+            .client
+            .query_opt(&sql, &[&id])
+            .map_err(|e| self.qerr("reading a row", e))?;
+        Ok(row.map(|r| {
+            let v: Vector = r.get(5);
+            StoredRow {
+                id: r.get(0),
+                path: r.get(1),
+                class: r.get(2),
+                class_name: r.get(3),
+                content_hash: r.get(4),
+                embedding: v.to_vec(),
+            }
+        }))
+    }
+
+    /// Some row's id (the first at or after `from`, else the first): ids are hashes of the
+    /// content, so a random `from` picks a random row through the primary key.
+    pub fn id_near(&mut self, from: i64) -> Result<Option<i64>> {
+        let t = q(&self.url.table);
+        let sql = format!(
+            "(SELECT id FROM {t} WHERE id >= $1 ORDER BY id LIMIT 1)
+             UNION ALL (SELECT id FROM {t} ORDER BY id LIMIT 1) LIMIT 1"
+        );
+        let row = self
+            .client
+            .query_opt(&sql, &[&from])
+            .map_err(|e| self.qerr("picking a row", e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Whether the connection to the server is closed (a server restart: open a new one).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// `EXPLAIN (VERBOSE, ANALYZE, …)` of the search SQL, as text (to record plans).

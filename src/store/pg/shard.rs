@@ -3,7 +3,9 @@
 
 use super::read::build_index;
 use super::store::{lock_name, meta_ddl, refuse, table_ddl, write_meta};
-use super::{PgCtx, PgStore, StoreMeta, StoreUrl, lit, q};
+use super::{
+    PgCtx, PgStore, StoreMeta, StoreUrl, Unreachable, is_unreachable, lit, pg_err, q, redact,
+};
 use anyhow::{Context, Result, anyhow, bail};
 use postgres::{Client, Config};
 use std::fmt::Write as _;
@@ -21,19 +23,44 @@ pub struct Shard {
     pub remainder: i32,
 }
 
-/// An error that names the shard whose foreign server failed, when that is the cause.
-pub(super) fn shard_err(shards: &[Shard], url: &StoreUrl, what: &str, text: &str) -> anyhow::Error {
-    for s in shards {
-        if text.contains(&format!("\"{}\"", s.server)) {
-            return anyhow!(
+/// An error that names the shard whose foreign server failed, when that is the cause; an
+/// [`Unreachable`] one when the server or shard cannot be reached.
+pub(super) fn shard_err(
+    shards: &[Shard],
+    url: &StoreUrl,
+    what: &str,
+    e: &postgres::Error,
+) -> anyhow::Error {
+    let text = pg_err(e);
+    let (message, server, shard) = match shards
+        .iter()
+        .find(|s| text.contains(&format!("\"{}\"", s.server)))
+    {
+        Some(s) => (
+            format!(
                 "{what}: shard {} ({}, foreign server {}) failed: {text}",
                 s.partition,
-                s.url,
+                redact(&s.url),
                 s.server
-            );
-        }
+            ),
+            redact(&s.url),
+            Some(s.partition.clone()),
+        ),
+        None => (
+            format!("{what} on {}: {text}", url.shown()),
+            url.shown(),
+            None,
+        ),
+    };
+    if is_unreachable(e) {
+        anyhow::Error::new(Unreachable {
+            server,
+            shard,
+            message,
+        })
+    } else {
+        anyhow!(message)
     }
-    anyhow!("{what} on {}: {text}", url.url)
 }
 
 /// The foreign partitions of a partitioned collection table, with their URLs.

@@ -2,7 +2,7 @@
 //! another model) and `open`.
 
 use super::shard::{list_shards, shard_err};
-use super::{PgCtx, PgStore, Shard, StoreMeta, StoreUrl, WriteMode, pg_err, q};
+use super::{PgCtx, PgStore, Shard, StoreMeta, StoreUrl, WriteMode, pg_err, q, unreachable};
 use anyhow::{Context, Result, anyhow};
 use postgres::Client;
 
@@ -240,7 +240,7 @@ impl PgStore {
 
     /// Turn an error from a query into one that names the unreachable shard, if that is the cause.
     pub(super) fn qerr(&self, what: &str, e: postgres::Error) -> anyhow::Error {
-        shard_err(&self.shards, &self.url, what, &pg_err(&e))
+        shard_err(&self.shards, &self.url, what, &e)
     }
 
     pub fn count(&mut self) -> Result<i64> {
@@ -249,6 +249,33 @@ impl PgStore {
             .query_one(&sql, &[])
             .map(|r| r.get(0))
             .map_err(|e| self.qerr("count", e))
+    }
+
+    /// [`PgStore::count`]; with `allow_partial` on a sharded store, the rows of the shards that
+    /// can be reached, and the shards that cannot (an error when none can).
+    pub fn count_partial(&mut self, allow_partial: bool) -> Result<(i64, Vec<Shard>)> {
+        if !allow_partial || !self.is_sharded() {
+            return Ok((self.count()?, Vec::new()));
+        }
+        let (mut n, mut missing, mut down) = (0, Vec::new(), None);
+        for s in self.shards.clone() {
+            let sql = format!("SELECT count(*) FROM {}", q(&s.partition));
+            match self.client.query_one(&sql, &[]) {
+                Ok(r) => n += r.get::<_, i64>(0),
+                Err(e) => {
+                    let err = self.qerr("count", e);
+                    if unreachable(&err).is_none() {
+                        return Err(err);
+                    }
+                    missing.push(s);
+                    down = Some(err);
+                }
+            }
+        }
+        match down {
+            Some(err) if missing.len() == self.shards.len() => Err(err),
+            _ => Ok((n, missing)),
+        }
     }
 
     /// The distinct (class id, class name) of the labelled rows.
@@ -262,6 +289,39 @@ impl PgStore {
             .query(&sql, &[])
             .map_err(|e| self.qerr("listing classes", e))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// [`PgStore::classes`]; with `allow_partial` on a sharded store, of the shards that can be
+    /// reached (each asked on its own; an error when none can).
+    pub fn classes_partial(&mut self, allow_partial: bool) -> Result<Vec<(String, String)>> {
+        if !allow_partial || !self.is_sharded() {
+            return self.classes();
+        }
+        let mut out = std::collections::BTreeSet::new();
+        let (mut down, mut reached) = (None, 0);
+        for s in self.shards.clone() {
+            let sql = format!(
+                "SELECT DISTINCT class, class_name FROM {} WHERE class <> ''",
+                q(&s.partition)
+            );
+            match self.client.query(&sql, &[]) {
+                Ok(rows) => {
+                    reached += 1;
+                    out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+                }
+                Err(e) => {
+                    let err = self.qerr("listing classes", e);
+                    if unreachable(&err).is_none() {
+                        return Err(err);
+                    }
+                    down = Some(err);
+                }
+            }
+        }
+        match down {
+            Some(err) if reached == 0 => Err(err),
+            _ => Ok(out.into_iter().collect()),
+        }
     }
 
     /// Sets `key` of the meta row's `info` (e.g. the HNSW settings `index` chose).

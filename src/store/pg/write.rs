@@ -2,7 +2,10 @@
 //! `COPY`; on a sharded collection straight into each shard), and deletes.
 
 use super::shard::shard_err;
-use super::{PgCtx, PgStore, Row, RowRef, StoreUrl, WriteMode, like_prefix, pg_err, q};
+use super::{
+    PgCtx, PgStore, Row, RowRef, StoreUrl, Unreachable, WriteMode, is_unreachable, like_prefix,
+    pg_err, q, redact,
+};
 use anyhow::{Context, Result, bail};
 use pgvector::Vector;
 use postgres::binary_copy::BinaryCopyInWriter;
@@ -237,6 +240,12 @@ impl PgStore {
                         // A concurrent writer: redo this shard's rows through the coordinator.
                         let owned: Vec<_> = mine.into_iter().cloned().collect();
                         total += self.write_staged(&owned)?;
+                    } else if is_unreachable(&e) {
+                        return Err(anyhow::Error::new(Unreachable {
+                            server: redact(&shard.url),
+                            shard: Some(shard.partition.clone()),
+                            message: format!("{what}: {}", pg_err(&e)),
+                        }));
                     } else {
                         bail!("{what}: {}", pg_err(&e));
                     }
@@ -258,13 +267,13 @@ impl PgStore {
         let mut tx = self
             .client
             .transaction()
-            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
+            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &e))?;
         let mut out = Vec::new();
         for t in targets {
             let likes: Vec<String> = t.prefixes.iter().map(|p| like_prefix(p)).collect();
             let rows = tx
                 .query(&sql, &[&t.ids, &t.paths, &likes])
-                .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
+                .map_err(|e| shard_err(&self.shards, &self.url, "removing", &e))?;
             if rows.is_empty() {
                 bail!(
                     "{} is neither an id nor the path of a file or folder in {}: nothing was removed",
@@ -278,10 +287,23 @@ impl PgStore {
             );
         }
         tx.commit()
-            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &pg_err(&e)))?;
+            .map_err(|e| shard_err(&self.shards, &self.url, "removing", &e))?;
         out.sort();
         out.dedup();
         Ok(out)
+    }
+}
+
+impl PgStore {
+    /// Deletes the rows with these ids (those that exist), in one transaction. Returns how many.
+    pub fn remove_ids(&mut self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!("DELETE FROM {} WHERE id = ANY($1)", q(&self.url.table));
+        self.client
+            .execute(&sql, &[&ids])
+            .map_err(|e| self.qerr("removing", e))
     }
 }
 
