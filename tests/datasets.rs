@@ -5,6 +5,7 @@ mod common;
 use deeprank::data::dataset::{Dataset, Layout, Split};
 use deeprank::data::sampler;
 use std::collections::HashSet;
+use std::path::Path;
 
 #[test]
 fn tiny_imagenet_root_and_val() {
@@ -171,4 +172,67 @@ fn sampling_one_class_is_refused() {
     let ds = Dataset::open(dir.path(), Split::Train).unwrap();
     assert!(sampler::sample(&ds, 1, 1, 0).is_err());
     assert!(sampler::sample(&ds, 0, 1, 0).is_err());
+}
+
+/// `bench/split_mini.sh` (the model-selection and unseen-classes splits of bench/RESULTS.md §3)
+/// on the sample: per class the first FIT train images in `fit/`, the rest in `sel/`, disjoint;
+/// the first SEEN classes' images in `seen/`, the others' train images in `unseen-db/` and their
+/// val images in `unseen-q/`; each opens as a dataset. A root without `wnids.txt` is refused,
+/// naming the file.
+#[test]
+fn split_mini_script_builds_disjoint_selection_and_unseen_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("split");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/split_mini.sh");
+    let run = |root: &Path| {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .arg(root)
+            .arg(&out)
+            .env("FIT", "24")
+            .env("SEEN", "8")
+            .output()
+            .unwrap()
+    };
+    let o = run(&common::sample());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let open = |d: &str, split| Dataset::open(&out.join(d), split).unwrap();
+    let (fit, sel) = (open("fit", Split::Train), open("sel", Split::Val));
+    assert_eq!((fit.classes.len(), fit.items.len()), (10, 240));
+    assert_eq!((sel.classes.len(), sel.items.len()), (10, 60));
+    let real = |ds: &Dataset| -> HashSet<std::path::PathBuf> {
+        ds.items
+            .iter()
+            .map(|i| i.path.canonicalize().unwrap())
+            .collect()
+    };
+    let all = real(&Dataset::open(&common::sample(), Split::Train).unwrap());
+    let (f, s) = (real(&fit), real(&sel));
+    assert!(f.is_disjoint(&s), "a selection image is also trained on");
+    assert_eq!(f.union(&s).cloned().collect::<HashSet<_>>(), all);
+    let seen = open("seen", Split::Train);
+    let udb = open("unseen-db", Split::Train);
+    let uq = open("unseen-q", Split::Val);
+    assert_eq!((seen.classes.len(), seen.items.len()), (8, 240));
+    assert_eq!((udb.classes.len(), udb.items.len()), (2, 60));
+    let ids =
+        |ds: &Dataset| -> HashSet<String> { ds.classes.iter().map(|c| c.id.clone()).collect() };
+    assert!(ids(&seen).is_disjoint(&ids(&udb)));
+    assert_eq!(ids(&uq), ids(&udb));
+    // Every val image of the unseen classes, and nothing else.
+    let val = Dataset::open(&common::sample(), Split::Val).unwrap();
+    let want = val
+        .items
+        .iter()
+        .filter(|i| ids(&udb).contains(&val.classes[i.class].id))
+        .count();
+    assert!(want > 0);
+    assert_eq!(uq.items.len(), want);
+    // A folder that is not a Tiny ImageNet root.
+    let bad = dir.path().join("not-a-root");
+    std::fs::create_dir_all(&bad).unwrap();
+    let o = run(&bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("wnids.txt is missing"), "{err}");
 }
