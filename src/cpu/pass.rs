@@ -153,11 +153,13 @@ pub struct Backbone {
     head: Conv,
 }
 
-/// What feeds the first trainable block: the trainable stem (level 0) or the frozen prefix run
-/// through the inference engine.
+/// What feeds the first trainable block: the trainable stem (level 0), the frozen prefix run
+/// through the inference engine, or the frozen prefix's output given as the input (a feature
+/// cache at the level, [`Backbone::read_above`]).
 enum Below {
     Stem(Conv),
     Frozen(Engine),
+    Given,
 }
 
 /// A forward pass's saved state, until the backward pass.
@@ -181,6 +183,20 @@ impl Backbone {
         } else {
             Below::Frozen(Engine::new(m)?)
         };
+        Self::with_below(m, level, train_bn, below)
+    }
+
+    /// Reads the layers of `m` above `level` (1 ≤ level < 17) for a [`Backbone::forward`] whose
+    /// input is the frozen prefix's output at `level`, channels-last (`[n][side][side][c]`), as a
+    /// feature cache holds it, instead of images.
+    pub fn read_above(m: &Lite0, level: usize, train_bn: bool) -> Result<Self> {
+        if level == 0 || level >= POOLED_LEVEL {
+            bail!("level {level}: no frozen prefix below a trainable part to start from");
+        }
+        Self::with_below(m, level, train_bn, Below::Given)
+    }
+
+    fn with_below(m: &Lite0, level: usize, train_bn: bool, below: Below) -> Result<Self> {
         let mut blocks = Vec::new();
         for b in m.blocks.iter().skip(level) {
             let expand = match (&b.expand_conv, &b.bn0) {
@@ -203,7 +219,8 @@ impl Backbone {
         })
     }
 
-    /// Pooled features `[n][1280]` of a normalised batch `[n][3][side][side]`, and the tape.
+    /// Pooled features `[n][1280]` of a normalised batch `[n][3][side][side]` (with
+    /// [`Backbone::read_above`]: of the level's activations `[n][side][side][c]`), and the tape.
     pub fn forward(&self, input: &[f32], n: usize, side: usize) -> (Vec<f32>, Tape) {
         let (mut x, mut h, stem) = match &self.below {
             Below::Stem(stem) => {
@@ -218,6 +235,7 @@ impl Backbone {
                 let [_, hh, _] = engine.output_shape(side, out);
                 (engine.run(input, n, side, out), hh, None)
             }
+            Below::Given => (input.to_vec(), side, None),
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {

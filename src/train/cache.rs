@@ -220,6 +220,39 @@ impl FeatureCache {
         }
         let n = slots.len();
         let trunk = Tensor::from_data(TensorData::new(trunk, [n, c, h, w]), device);
+        let (small4, small8) = self.gather_small(slots, device);
+        LevelInput {
+            trunk,
+            small4,
+            small8,
+        }
+    }
+
+    /// The trunk entries of `slots` channels-last (`[n][h][w][c]`, what [`crate::cpu::pass`]
+    /// reads), and their side `h`.
+    pub fn gather_nhwc(&self, slots: &[Slot]) -> (Vec<f32>, usize) {
+        let [c, h, w] = self.shape;
+        let (per, px) = (c * h * w, h * w);
+        let mut out = vec![0f32; per * slots.len()];
+        for (o, s) in out.chunks_exact_mut(per).zip(slots) {
+            let e = self.entry(s);
+            let chw = &self.trunk[e * per..(e + 1) * per];
+            for (ch, plane) in chw.chunks_exact(px).enumerate() {
+                for (p, &v) in plane.iter().enumerate() {
+                    o[p * c + ch] = v;
+                }
+            }
+        }
+        (out, h)
+    }
+
+    /// The multiscale network's down-sampled inputs of `slots` (None for Lite0's cache).
+    pub fn gather_small(
+        &self,
+        slots: &[Slot],
+        device: &Device,
+    ) -> (Option<Tensor<4>>, Option<Tensor<4>>) {
+        let n = slots.len();
         let small = |data: &[f32], side: usize| {
             let per = 3 * side * side;
             let mut v = Vec::with_capacity(per * n);
@@ -229,18 +262,13 @@ impl FeatureCache {
             }
             Tensor::from_data(TensorData::new(v, [n, 3, side, side]), device)
         };
-        let (small4, small8) = if self.small4.is_empty() {
+        if self.small4.is_empty() {
             (None, None)
         } else {
             (
                 Some(small(&self.small4, self.small_sizes[0])),
                 Some(small(&self.small8, self.small_sizes[1])),
             )
-        };
-        LevelInput {
-            trunk,
-            small4,
-            small8,
         }
     }
 }

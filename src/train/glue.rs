@@ -6,6 +6,8 @@
 use crate::cpu::pass::{Backbone, Backward, Grad, Tape};
 use crate::model::device::to_vec;
 use crate::model::net::{EmbedNet, LevelInput};
+use crate::train::cache::FeatureCache;
+use crate::train::plan::Slot;
 use anyhow::{Result, anyhow};
 use burn::nn::BatchNorm;
 use burn::optim::GradientsParams;
@@ -33,10 +35,40 @@ pub fn prefix(
 ) -> Result<(LevelInput, Pending)> {
     let backbone = Backbone::read(&model.backbone, level, train_bn)?;
     let (pooled, tape) = backbone.forward(&batch, n, size);
+    let small = model.small_inputs_host(batch, n, size, device);
+    Ok(leaf(backbone, pooled, tape, n, small, device))
+}
+
+/// As [`prefix`], from a feature cache at `level` (≥ 1) instead of images: the trainable part
+/// above it runs through [`crate::cpu::pass`] from the cached activations of `slots`.
+pub fn cached(
+    model: &EmbedNet,
+    cache: &FeatureCache,
+    slots: &[Slot],
+    level: usize,
+    train_bn: bool,
+    device: &Device,
+) -> Result<(LevelInput, Pending)> {
+    let backbone = Backbone::read_above(&model.backbone, level, train_bn)?;
+    let (x, side) = cache.gather_nhwc(slots);
+    let n = slots.len();
+    let (pooled, tape) = backbone.forward(&x, n, side);
+    let small = cache.gather_small(slots, device);
+    Ok(leaf(backbone, pooled, tape, n, small, device))
+}
+
+/// The pooled features as a leaf of burn's graph, with the multiscale inputs `small`.
+fn leaf(
+    backbone: Backbone,
+    pooled: Vec<f32>,
+    tape: Tape,
+    n: usize,
+    (small4, small8): (Option<Tensor<4>>, Option<Tensor<4>>),
+    device: &Device,
+) -> (LevelInput, Pending) {
     let c = pooled.len() / n;
     let leaf = Tensor::<4>::from_data(TensorData::new(pooled, [n, c, 1, 1]), device).require_grad();
-    let (small4, small8) = model.small_inputs_host(batch, n, size, device);
-    Ok((
+    (
         LevelInput {
             trunk: leaf.clone(),
             small4,
@@ -47,7 +79,7 @@ pub fn prefix(
             tape,
             leaf,
         },
-    ))
+    )
 }
 
 impl Pending {

@@ -28,7 +28,7 @@ use crate::train::config::{TrainConfig, build_net};
 use crate::train::optim::{apply_freeze, optimizer, plateau};
 use crate::train::plan::{ClassIndex, Sampling, StepPlan, load_batch, plan_step, readable};
 use crate::train::report::{EpochMetrics, write_metrics};
-use crate::train::step::{Targets, fast_backbone, step, step_input};
+use crate::train::step::{Targets, cached_input, fast_backbone, step, step_input};
 use crate::train::validate::{Validation, validate_epoch};
 use anyhow::{Context, Result, bail};
 use burn::optim::ModuleOptimizer;
@@ -134,10 +134,13 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if cfg.level() < POOLED_LEVEL {
         eprintln!(
             "trainable backbone: {}",
-            if fast_backbone() {
-                "deeprank's CPU pass"
-            } else {
-                "burn's autodiff"
+            match (fast_backbone(), cfg.cache) {
+                (true, true) => format!(
+                    "deeprank's CPU pass from the level-{} feature cache",
+                    cfg.level()
+                ),
+                (true, false) => "deeprank's CPU pass".into(),
+                (false, _) => "burn's autodiff".into(),
             }
         );
     }
@@ -247,7 +250,7 @@ fn run_epoch(
         };
         let mut pending = None;
         let (input, from) = match l.cache {
-            Some(c) => (c.gather(&slots, &l.ad), cfg.level()),
+            Some(c) => cached_input(&model, cfg, c, &slots, &l.ad, &mut pending)?,
             None => {
                 let rng = [cfg.seed, 4, epoch as u64, step_no as u64];
                 let buf = load_batch(&d.ds, &slots, cfg.size, &rng, true)?;

@@ -7,11 +7,12 @@ use crate::data::batch::decode_batch;
 use crate::data::dataset::{Dataset, Split};
 use crate::model::device::{device, on_cpu, to_vec};
 use crate::model::net::{EmbedNet, LevelInput, POOLED_LEVEL};
+use crate::train::cache::FeatureCache;
 use crate::train::config::{BnMode, Recipe, TrainConfig, build_net};
 use crate::train::glue::{self, Pending};
 use crate::train::loss;
 use crate::train::optim::{apply_freeze, lr_policy, optimizer};
-use crate::train::plan::Sampling;
+use crate::train::plan::{Sampling, Slot};
 use anyhow::{Result, bail};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -44,6 +45,27 @@ pub fn step_input(
     }
     let x = Tensor::from_data(TensorData::new(buf, [n, 3, s, s]), ad);
     Ok((model.prefix(x, level), level))
+}
+
+/// The level input of a step from the feature cache: through the CPU pass from the cached
+/// activations when part of the backbone trains and the pass applies (then `pending` holds its
+/// backward pass), else the cached input for burn's graph. Returns the input and its level.
+pub fn cached_input(
+    model: &EmbedNet,
+    cfg: &TrainConfig,
+    cache: &FeatureCache,
+    slots: &[Slot],
+    ad: &Device,
+    pending: &mut Option<Pending>,
+) -> Result<(LevelInput, usize)> {
+    let level = cfg.level();
+    if level < POOLED_LEVEL && fast_backbone() {
+        let train_bn = cfg.bn == BnMode::Train;
+        let (input, p) = glue::cached(model, cache, slots, level, train_bn, ad)?;
+        *pending = Some(p);
+        return Ok((input, POOLED_LEVEL));
+    }
+    Ok((cache.gather(slots, ad), level))
 }
 
 /// The parameters' gradients of a step (burn's, plus the CPU pass's backbone gradients).
