@@ -192,7 +192,8 @@ fn index_equals_exact_and_follows_adds_and_removes() {
         .unwrap()
         .expect("the index lagged");
     assert_eq!((r.rows, r.inserted, r.rebuilt), (1700, 200, false));
-    assert!(!b.file.exists(), "the replaced index file is deleted");
+    // A delta over the graph file keeps it; a graph written whole replaces it.
+    assert_eq!(b.file.exists(), r.delta, "{r:?}");
     let d = Db::open(&db).unwrap();
     let (_, p) = run(&d, Mode::Ef(400), None, 10);
     assert_eq!(p, Plan::Index { ef: 400, tail: 0 });
@@ -228,6 +229,93 @@ fn index_equals_exact_and_follows_adds_and_removes() {
     let r = one(|| update::refresh(&db, Some(had))).unwrap().unwrap();
     assert!(r.rebuilt && r.m == 8 && r.rows == d.rows());
     same_as_exact(&Db::open(&db).unwrap(), None, "rebuilt after compaction");
+}
+
+/// The DB's index files (graphs and deltas), sorted.
+fn index_files(db: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| deeprank::store::commit::is_index_file(n))
+        .collect();
+    v.sort();
+    v
+}
+
+/// An update after an add writes a delta over the graph file, never the graph again: the graph
+/// file stays byte for byte; each delta carries every change since the graph (a second update
+/// replaces the first delta, which is deleted); results equal the exact scan's after each; once a
+/// delta would hold half as many nodes as the graph, the graph is written whole again.
+#[test]
+fn updates_write_a_delta_not_the_graph_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = synthetic(tmp.path(), 2000);
+    let b = one(|| update::build(&db, &SMALL)).unwrap();
+    let graph_name = b.file.file_name().unwrap().to_str().unwrap().to_string();
+    let graph = std::fs::read(&b.file).unwrap();
+    let mut prev: Option<PathBuf> = None;
+    for round in 0..2 {
+        let n = 2000 + 20 * round;
+        append(&db, n, n + 20);
+        let r = one(|| update::refresh(&db, None)).unwrap().unwrap();
+        assert!(
+            r.delta && !r.rebuilt && r.inserted == 20,
+            "round {round}: {r:?}"
+        );
+        assert!(
+            r.bytes * 4 < b.bytes,
+            "round {round}: a delta of {} bytes",
+            r.bytes
+        );
+        assert_eq!(
+            std::fs::read(&b.file).unwrap(),
+            graph,
+            "the graph was rewritten"
+        );
+        let ix = Db::open(&db).unwrap().state.index.unwrap();
+        let delta = r.file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            (ix.file.as_str(), ix.delta.as_deref()),
+            (graph_name.as_str(), Some(delta))
+        );
+        assert_eq!(
+            index_files(&db),
+            vec![graph_name.clone(), delta.to_string()]
+        );
+        if let Some(p) = &prev {
+            assert!(!p.exists(), "the replaced delta {} is left", p.display());
+        }
+        prev = Some(r.file.clone());
+        same_as_exact(
+            &Db::open(&db).unwrap(),
+            None,
+            &format!("after delta {round}"),
+        );
+        assert!(common::changes::consistent(&db).is_empty());
+    }
+    // 1000 more rows: the delta would hold half the graph's nodes or more; the graph is rewritten.
+    append(&db, 2040, 3040);
+    let r = one(|| update::refresh(&db, None)).unwrap().unwrap();
+    assert!(!r.delta && r.rows == 3040, "{r:?}");
+    let ix = Db::open(&db).unwrap().state.index.unwrap();
+    assert!(ix.delta.is_none() && ix.file != graph_name, "{ix:?}");
+    assert_eq!(index_files(&db), vec![ix.file.clone()]);
+    same_as_exact(&Db::open(&db).unwrap(), None, "graph rewritten");
+    // A damaged delta is an error naming it, and --exact still answers.
+    append(&db, 3040, 3050);
+    let r = one(|| update::refresh(&db, None)).unwrap().unwrap();
+    assert!(r.delta, "{r:?}");
+    let mut bytes = std::fs::read(&r.file).unwrap();
+    bytes.truncate(bytes.len() - 8);
+    std::fs::write(&r.file, bytes).unwrap();
+    let d = Db::open(&db).unwrap();
+    let e = ann_db::open(&d).err().expect("a damaged delta");
+    assert!(
+        format!("{e:#}").contains(r.file.to_str().unwrap())
+            && format!("{e:#}").contains("deeprank index"),
+        "{e:#}"
+    );
+    assert_eq!(run(&d, Mode::Exact, None, 10).1, Plan::Exact);
 }
 
 #[test]

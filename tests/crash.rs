@@ -266,7 +266,7 @@ fn index_agrees_with_exact(db: &Path, what: &str) {
 #[test]
 fn kill_during_index_build_and_update_leaves_a_searchable_db() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str]); 2] = [
+    let cases: [(&str, &[&str]); 3] = [
         (
             "index",
             &[
@@ -276,9 +276,20 @@ fn kill_during_index_build_and_update_leaves_a_searchable_db() {
                 "index-committed",
             ],
         ),
-        // The add's own commit is the first state write; the index update's the second.
+        // The add's own commit is the first state write; the index update's the second. "add":
+        // the first update after `index` (on 12 rows); "add-delta": on a 430-row DB whose index
+        // has a delta already, so the kill falls between one delta and the next.
         (
             "add",
+            &[
+                "index-written",
+                "state-written:2",
+                "state-renamed:2",
+                "index-committed",
+            ],
+        ),
+        (
+            "add-delta",
             &[
                 "index-written",
                 "state-written:2",
@@ -297,36 +308,99 @@ fn kill_during_index_build_and_update_leaves_a_searchable_db() {
             let args = if op == "index" {
                 index_args.clone()
             } else {
+                if op == "add-delta" {
+                    grow(&db, 0, 400);
+                }
                 finish_ok(&index_args);
+                if op == "add-delta" {
+                    grow(&db, 400, 430);
+                    let b = deeprank::search::ann::update::refresh(&db, None).unwrap();
+                    assert!(b.is_some_and(|b| b.delta), "{what}: no first delta");
+                }
                 add_args
             };
+            let before = deeprank::store::state::read(&db).unwrap().unwrap();
             let out = deeprank(&args, Some(point)).wait_with_output().unwrap();
             assert_eq!(out.status.signal(), Some(9), "{what}: not killed");
             consistent(&db);
             let st = deeprank::store::state::read(&db).unwrap().unwrap();
             match &st.index {
-                Some(ix) => assert!(db.join(&ix.file).is_file(), "{what}: no {}", ix.file),
+                Some(ix) => {
+                    for f in ix.files() {
+                        assert!(db.join(f).is_file(), "{what}: no {f}");
+                    }
+                    if op != "index" {
+                        // The old index or the new one over the added rows, nothing else.
+                        let old = before.index.as_ref().unwrap();
+                        assert!(ix == old || ix.rows == st.rows, "{what}: {ix:?}");
+                    }
+                }
                 None => assert_eq!(op, "index", "{what}: the index is gone"),
             }
             index_agrees_with_exact(&db, &what);
             // The next run finishes it: the index covers every row, one index file is left.
             finish_ok(&args);
             let st = deeprank::store::state::read(&db).unwrap().unwrap();
-            assert_eq!(st.index.as_ref().map(|i| i.rows), Some(st.rows), "{what}");
+            let ix = st.index.as_ref().unwrap();
+            assert_eq!(ix.rows, st.rows, "{what}");
+            if op == "add-delta" {
+                assert!(ix.delta.is_some(), "{what}: not a delta: {ix:?}");
+            }
             let files = std::fs::read_dir(&db)
                 .unwrap()
                 .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .ends_with(".hnsw")
+                    let name = e.as_ref().unwrap().file_name();
+                    deeprank::store::commit::is_index_file(&name.to_string_lossy())
                 })
                 .count();
-            assert_eq!(files, 1, "{what}: stale index files");
+            assert_eq!(files, ix.files().len(), "{what}: stale index files");
             assert!(consistent(&db).is_empty(), "{what}");
             index_agrees_with_exact(&db, &format!("{what}, then finished"));
             std::fs::remove_dir_all(&case).unwrap();
         }
     }
+}
+
+/// Commits rows `from..to` of synthetic vectors between pairs of the DB's first rows (points on
+/// the segments between real embeddings, a little noise) with made-up paths: a DB big enough for
+/// an index update to be a delta.
+fn grow(db: &Path, from: usize, to: usize) {
+    use deeprank::store::commit::{Change, NewRow, Wait, Writer};
+    let mut w = Writer::open(db, Wait::Fail).unwrap();
+    let d = w.db();
+    let seeds: Vec<Vec<f32>> = d
+        .live_rows()
+        .take(12)
+        .map(|r| d.vectors.row(r).to_vec())
+        .collect();
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let add = (from..to)
+        .map(|i| NewRow {
+            entry: deeprank::store::db::Entry {
+                path: db.parent().unwrap().join(format!("extra/x{i}.jpg")),
+                class_id: String::new(),
+                class_name: String::new(),
+            },
+            stamp: Default::default(),
+            vector: {
+                let mut r = || {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 40) as f32 / (1u64 << 24) as f32
+                };
+                let t = r();
+                let (a, b) = (&seeds[i % 12], &seeds[(i / 12 + i + 1) % 12]);
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| t * x + (1.0 - t) * y + 0.002 * (r() - 0.5))
+                    .collect()
+            },
+        })
+        .collect();
+    w.commit(&Change {
+        add,
+        remove: vec![],
+    })
+    .unwrap();
 }

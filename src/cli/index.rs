@@ -86,7 +86,11 @@ pub fn say_plan(plan: Plan) {
 }
 
 fn say_built(b: &Built) {
-    let how = if b.rebuilt { "built" } else { "updated" };
+    let how = match (b.rebuilt, b.delta) {
+        (true, _) => "built",
+        (false, true) => "updated (a delta over its graph file)",
+        (false, false) => "updated (graph file rewritten)",
+    };
     eprintln!(
         "ANN index {how}: {} rows ({} inserted) in {:.2}s, {} ({:.1} MB), M {} efConstruction {}",
         b.rows,

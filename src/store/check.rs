@@ -90,14 +90,17 @@ pub fn check(dir: &Path) -> Result<CheckReport> {
                     ix.file, ix.rows, st.rows
                 ));
             }
-            if let Some(Err(e)) = db.index.as_ref().map(|m| &m.map) {
-                rep.problems.push(e.clone());
+            if let Some(e) = db.index.as_ref().and_then(|m| m.error()) {
+                rep.problems.push(e.to_string());
             }
         }
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let named = st.index.as_ref().is_some_and(|i| i.file == name);
-            if name.starts_with("ann-") && name.ends_with(".hnsw") && !named {
+            let named = st
+                .index
+                .as_ref()
+                .is_some_and(|i| i.files().contains(&&*name));
+            if crate::store::commit::is_index_file(&name) && !named {
                 rep.notes.push(format!(
                     "{name} is an ANN index file no commit names (left by an interrupted index update)"
                 ));

@@ -17,19 +17,26 @@ use std::path::{Path, PathBuf};
 
 pub const LOCK: &str = ".lock";
 
-/// ANN index files are `ann-GENERATION.hnsw`, GENERATION the one of the commit that names it.
+/// ANN index files are `ann-GENERATION.hnsw` (a whole graph) and `ann-GENERATION.hnsd` (a delta
+/// over one), GENERATION the one of the commit that names it.
 const INDEX_PREFIX: &str = "ann-";
-const INDEX_SUFFIX: &str = ".hnsw";
+pub const INDEX_SUFFIX: &str = ".hnsw";
+pub const DELTA_SUFFIX: &str = ".hnsd";
+
+/// Whether `name` is an ANN index file name (a graph or a delta).
+pub fn is_index_file(name: &str) -> bool {
+    name.starts_with(INDEX_PREFIX) && (name.ends_with(INDEX_SUFFIX) || name.ends_with(DELTA_SUFFIX))
+}
 
 /// Deletes index files that the committed state does not name (left by a crash before or after a
 /// commit that replaced the index, or by a compaction). Returns how many.
-fn remove_stale_indexes(dir: &Path, keep: Option<&str>) -> Result<usize> {
+fn remove_stale_indexes(dir: &Path, keep: &[&str]) -> Result<usize> {
     let mut n = 0;
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     for e in rd {
         let name = e?.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(INDEX_PREFIX) && name.ends_with(INDEX_SUFFIX) && Some(name) != keep {
+        if is_index_file(name) && !keep.contains(&name) {
             remove_if_exists(&dir.join(name))?;
             n += 1;
         }
@@ -190,8 +197,8 @@ impl Writer {
                     remove_if_exists(&dir.join(new))?;
                 }
                 remove_if_exists(&dir.join(STATE_TMP))?;
-                repair.stale_indexes =
-                    remove_stale_indexes(dir, st.index.as_ref().map(|i| i.file.as_str()))?;
+                let keep = st.index.as_ref().map(|i| i.files()).unwrap_or_default();
+                repair.stale_indexes = remove_stale_indexes(dir, &keep)?;
                 Db::open(dir)?
             }
         };
@@ -307,13 +314,11 @@ impl Writer {
         Ok(ids)
     }
 
-    /// The name the next index file gets: unique, since generations only grow (a file of that
-    /// name left by a crash is not committed, and is overwritten).
-    pub fn new_index_name(&self) -> String {
-        format!(
-            "{INDEX_PREFIX}{}{INDEX_SUFFIX}",
-            self.db.state.generation + 1
-        )
+    /// The name the next index file gets (`suffix`: [`INDEX_SUFFIX`] or [`DELTA_SUFFIX`]): unique,
+    /// since generations only grow (a file of that name left by a crash is not committed, and is
+    /// overwritten).
+    pub fn new_index_name(&self, suffix: &str) -> String {
+        format!("{INDEX_PREFIX}{}{suffix}", self.db.state.generation + 1)
     }
 
     /// Writes a new index file `name` (from [`Writer::new_index_name`]) whole: `write` fills it,
@@ -361,10 +366,10 @@ impl Writer {
         self.db.index = st
             .index
             .as_ref()
-            .map(|ix| crate::store::db::IndexMap::open(&self.dir, &ix.file, ix.rows as usize));
-        let keep = st.index.as_ref().map(|i| i.file.clone());
+            .map(|ix| crate::store::db::IndexMap::open(&self.dir, ix));
+        let keep = st.index.as_ref().map(|i| i.files()).unwrap_or_default();
+        remove_stale_indexes(&self.dir, &keep)?;
         self.db.state = st;
-        remove_stale_indexes(&self.dir, keep.as_deref())?;
         Ok(())
     }
 
@@ -398,7 +403,7 @@ impl Writer {
             ..db.state.clone()
         };
         self.commit_with_renames(st)?;
-        remove_stale_indexes(&self.dir, None)?;
+        remove_stale_indexes(&self.dir, &[])?;
         Ok(dropped)
     }
 

@@ -217,28 +217,59 @@ pub struct IndexMap {
     /// The index covers rows `0..rows`; later rows are searched exactly.
     pub rows: usize,
     pub map: std::result::Result<std::sync::Arc<memmap2::Mmap>, String>,
+    /// The delta file over it (`state.index.delta`), mapped the same way.
+    pub delta: Option<(
+        PathBuf,
+        std::result::Result<std::sync::Arc<memmap2::Mmap>, String>,
+    )>,
+}
+
+/// Maps `dir/file` (a name in the DB folder, as `state.json` records it).
+fn map_index_file(
+    dir: &Path,
+    file: &str,
+) -> (
+    PathBuf,
+    std::result::Result<std::sync::Arc<memmap2::Mmap>, String>,
+) {
+    let path = dir.join(file);
+    let map = if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+        Err(format!(
+            "{} names the index file {file:?}, which is not a file name in the DB folder",
+            dir.join(state::STATE).display()
+        ))
+    } else {
+        File::open(&path)
+            .and_then(|f| {
+                // SAFETY: index files (graphs and deltas) are written whole under a new name,
+                // committed, and never changed in place (an update writes another file).
+                unsafe { memmap2::Mmap::map(&f) }
+            })
+            .map(std::sync::Arc::new)
+            .map_err(|e| format!("cannot open the ANN index {}: {e}", path.display()))
+    };
+    (path, map)
 }
 
 impl IndexMap {
-    /// Maps `dir/file` (a name in the DB folder, as `state.json` records it).
-    pub fn open(dir: &Path, file: &str, rows: usize) -> IndexMap {
-        let path = dir.join(file);
-        let map = if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
-            Err(format!(
-                "{} names the index file {file:?}, which is not a file name in the DB folder",
-                dir.join(state::STATE).display()
-            ))
-        } else {
-            File::open(&path)
-                .and_then(|f| {
-                    // SAFETY: index files are written whole under a new name, committed, and never
-                    // changed in place (an update writes another file).
-                    unsafe { memmap2::Mmap::map(&f) }
-                })
-                .map(std::sync::Arc::new)
-                .map_err(|e| format!("cannot open the ANN index {}: {e}", path.display()))
-        };
-        IndexMap { path, rows, map }
+    /// Maps the files of the commit's index `ix` in the DB folder `dir`.
+    pub fn open(dir: &Path, ix: &state::IndexRef) -> IndexMap {
+        let (path, map) = map_index_file(dir, &ix.file);
+        IndexMap {
+            path,
+            rows: ix.rows as usize,
+            map,
+            delta: ix.delta.as_deref().map(|d| map_index_file(dir, d)),
+        }
+    }
+
+    /// Why the index cannot be read, when one of its files cannot be mapped.
+    pub fn error(&self) -> Option<&str> {
+        self.map
+            .as_ref()
+            .err()
+            .or_else(|| self.delta.as_ref().and_then(|(_, m)| m.as_ref().err()))
+            .map(|s| s.as_str())
     }
 }
 
@@ -417,10 +448,7 @@ impl Db {
         }
         let vectors = with_resolved(&st, dir, VECTORS, |p| NpyMap::open_prefix(p, n, meta.dim))?;
         meta.count = live as usize;
-        let index = st
-            .index
-            .as_ref()
-            .map(|ix| IndexMap::open(dir, &ix.file, ix.rows as usize));
+        let index = st.index.as_ref().map(|ix| IndexMap::open(dir, ix));
         Ok(Db {
             index,
             dir: dir.to_path_buf(),

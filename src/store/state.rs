@@ -19,6 +19,18 @@ pub const STATE_TMP: &str = "state.json.tmp";
 pub struct IndexRef {
     pub file: String,
     pub rows: u64,
+    /// A delta file over `file` (the lists later inserts changed or added), read with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
+}
+
+impl IndexRef {
+    /// The files this index is read from: the base, then the delta when there is one.
+    pub fn files(&self) -> Vec<&str> {
+        std::iter::once(self.file.as_str())
+            .chain(self.delta.as_deref())
+            .collect()
+    }
 }
 
 /// The committed state of a DB.

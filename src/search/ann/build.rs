@@ -27,6 +27,8 @@ impl Hnsw {
             locks: vec![],
             touched: vec![],
             l2: l2_kernel(),
+            base: None,
+            delta: None,
             calibration: vec![],
         }
     }
@@ -40,6 +42,7 @@ impl Hnsw {
 
     /// Makes the index writable (copies a memory-mapped graph into memory) and sized for `n` nodes.
     pub(super) fn grow(&mut self, n: usize) {
+        self.flatten();
         let (s0, su) = (self.s0(), self.su());
         let mut extra = 0;
         for i in self.n..n {

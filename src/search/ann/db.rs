@@ -65,6 +65,10 @@ pub fn open(db: &Db) -> Result<Option<DbIndex>> {
     };
     let map = ix.map.clone().map_err(|e| anyhow!("{e}: {FIX}"))?;
     let mut h = Hnsw::from_map(map, &ix.path).map_err(|e| anyhow!("{e}: {FIX}"))?;
+    if let Some((path, map)) = &ix.delta {
+        let map = map.clone().map_err(|e| anyhow!("{e}: {FIX}"))?;
+        h = h.with_delta(map, path).map_err(|e| anyhow!("{e}: {FIX}"))?;
+    }
     if h.len() != ix.rows || h.dim() != db.meta.dim || ix.rows > db.rows() {
         bail!(
             "the ANN index {} holds {} vectors of dimension {}, but the DB's commit says {} of its {} rows (dimension {}) are indexed: {FIX}",

@@ -26,7 +26,9 @@ impl Hnsw {
         ] {
             h.extend_from_slice(&(x as u32).to_le_bytes());
         }
-        for x in [self.n as u64, self.upper.get().len() as u64, self.seed] {
+        let uppers = self.upper_parts();
+        let ulen: usize = uppers.iter().map(|u| u.len()).sum();
+        for x in [self.n as u64, ulen as u64, self.seed] {
             h.extend_from_slice(&x.to_le_bytes());
         }
         h.extend_from_slice(&fnv(&h).to_le_bytes());
@@ -44,16 +46,31 @@ impl Hnsw {
         pad(w, ub.len())?;
         let db: Vec<u8> = self.deleted.iter().flat_map(|x| x.to_le_bytes()).collect();
         w.write_all(&db)?;
-        for s in [&self.l0, &self.upper] {
-            for chunk in s.get().chunks(1 << 16) {
+        // Layer 0 node by node (a delta's lists in place of the base's), then the upper slots.
+        let mut b: Vec<u8> = Vec::with_capacity(1 << 18);
+        for i in 0..self.n as u32 {
+            b.extend(
+                self.slot(i, 0)
+                    .iter()
+                    .flat_map(|a| a.load(Relaxed).to_le_bytes()),
+            );
+            if b.len() >= 1 << 18 {
+                w.write_all(&b)?;
+                b.clear();
+            }
+        }
+        w.write_all(&b)?;
+        pad(w, self.n * self.s0() * 4)?;
+        for u in uppers {
+            for chunk in u.chunks(1 << 16) {
                 let b: Vec<u8> = chunk
                     .iter()
                     .flat_map(|a| a.load(Relaxed).to_le_bytes())
                     .collect();
                 w.write_all(&b)?;
             }
-            pad(w, s.get().len() * 4)?;
         }
+        pad(w, ulen * 4)?;
         for &(ef, r) in &self.calibration {
             w.write_all(&ef.to_le_bytes())?;
             w.write_all(&r.to_le_bytes())?;
@@ -166,6 +183,7 @@ impl Hnsw {
         {
             return Err(bad("calibration"));
         }
+        let sum = u64at(56);
         let h = Hnsw {
             dim,
             m,
@@ -191,6 +209,13 @@ impl Hnsw {
             locks: vec![],
             touched: vec![],
             l2: l2_kernel(),
+            base: Some(delta::Base {
+                n,
+                ulen,
+                sum,
+                patched: vec![],
+            }),
+            delta: None,
             calibration,
         };
         for (arr, s) in [(h.l0.get(), s0), (h.upper.get(), su)] {

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 mod build;
 pub mod db;
+mod delta;
 
 mod file;
 #[cfg(test)]
@@ -125,6 +126,10 @@ pub struct Hnsw {
     /// Nodes whose neighbour lists changed since the last [`Hnsw::take_touched`] (for a journal).
     touched: Vec<AtomicU64>,
     l2: L2Fn,
+    /// The saved file this graph was opened from, when it was (what a delta is written against).
+    base: Option<delta::Base>,
+    /// Neighbour lists a delta file replaces or adds, over the base file's (see `delta.rs`).
+    delta: Option<delta::Delta>,
     /// Recall@10 against exact search measured at build time for a ladder of `ef` values
     /// (ascending `ef`), saved with the graph; see [`Hnsw::ef_for_recall`].
     pub calibration: Vec<(u32, f32)>,
@@ -240,10 +245,20 @@ impl Hnsw {
     fn slot(&self, i: u32, lev: u8) -> &[AtomicU32] {
         if lev == 0 {
             let s = self.s0();
+            if let Some(d) = &self.delta
+                && let Some(k) = d.l0_index(i)
+            {
+                return &d.l0.get()[k * s..(k + 1) * s];
+            }
             &self.l0.get()[i as usize * s..(i as usize + 1) * s]
         } else {
             let s = self.su();
             let o = self.upper_off[i as usize] as usize + (lev as usize - 1) * s;
+            if let Some(d) = &self.delta
+                && o >= d.base_ulen
+            {
+                return &d.upper.get()[o - d.base_ulen..o - d.base_ulen + s];
+            }
             &self.upper.get()[o..o + s]
         }
     }

@@ -1,15 +1,19 @@
 //! Building a DB's ANN index and keeping it current, under the DB's writer lock and commit record.
-//! The graph is written whole to a new file (`ann-GENERATION.hnsw`), fsynced with its folder, and
-//! made the index by the next commit of `state.json` (`index: {file, rows}`); the file it replaces
-//! is deleted after. A kill -9 anywhere leaves the old commit, whose index file is untouched (a new
-//! file no commit names is deleted by the next writer), or the new one. Rows added since (by `add`,
-//! `sync` or a server's uploads) are searched exactly until [`refresh`] inserts them; removed rows
-//! are tombstones from the DB's own `removed.tsv`, never written into the graph; a compaction
+//! `deeprank index` writes the graph whole to a new file (`ann-GENERATION.hnsw`), fsynced with its
+//! folder, and made the index by the next commit of `state.json` (`index: {file, rows}`); the file
+//! it replaces is deleted after. An update after `add`/`sync`/uploads inserts the new rows and
+//! writes only what changed: a delta file (`ann-GENERATION.hnsd`, see `delta.rs`) over the same
+//! graph file, committed as `index: {file, rows, delta}` (the previous delta, which the new one
+//! contains, is deleted after); once a delta would hold more than half as many nodes as its graph,
+//! the graph is written whole again. A kill -9 anywhere leaves the old commit, whose files are
+//! untouched (a new file no commit names is deleted by the next writer), or the new one. Rows added
+//! since the last update are searched exactly until [`refresh`] inserts them; removed rows are
+//! tombstones from the DB's own `removed.tsv`, never written into the graph; a compaction
 //! renumbers rows and drops the index, which [`refresh`] then rebuilds with the same parameters.
 
 use super::db::open;
 use super::{Hnsw, Params};
-use crate::store::commit::{Wait, Writer};
+use crate::store::commit::{DELTA_SUFFIX, INDEX_SUFFIX, Wait, Writer};
 use crate::store::db::Db;
 use crate::store::state::{self, IndexRef};
 use anyhow::{Result, bail};
@@ -29,6 +33,8 @@ pub struct Built {
     pub inserted: usize,
     /// Whether the graph was built from scratch (else extended).
     pub rebuilt: bool,
+    /// Whether only a delta over the existing graph file was written (`file` is the delta).
+    pub delta: bool,
     pub bytes: u64,
     pub seconds: f64,
     pub m: usize,
@@ -61,30 +67,59 @@ fn build_with(w: &mut Writer, params: &Params) -> Result<Built> {
     h.set_deleted(|i| db.is_removed(i as usize));
     h.calibrate(data, CALIBRATION_SAMPLES);
     let rows = db.rows();
-    commit(w, h, rows, rows, true, t0)
+    commit(w, h, None, rows, rows, true, t0)
 }
 
-/// Writes `h` to a new file and commits it as the index over `rows` rows.
+/// A delta is written while it holds at most 1/`DELTA_MAX_PART` as many nodes as its graph file
+/// (beyond, the graph is written whole again: reads stay cheap and the deltas' sizes bounded).
+pub const DELTA_MAX_PART: usize = 2;
+
+/// Writes `h` to a new file (a delta over its graph file `base` when that is small enough) and
+/// commits it as the index over `rows` rows.
 fn commit(
     w: &mut Writer,
-    h: Hnsw,
+    mut h: Hnsw,
+    base: Option<&str>,
     rows: usize,
     inserted: usize,
     rebuilt: bool,
     t0: Instant,
 ) -> Result<Built> {
-    let name = w.new_index_name();
-    let bytes = w.write_index_file(&name, |f| h.save(f))?;
-    w.commit_index(Some(IndexRef {
-        file: name.clone(),
-        rows: rows as u64,
-    }))?;
+    let touched = h.take_touched();
+    let patched = h
+        .delta_nodes(&touched)
+        .filter(|p| (p.len() + h.len() - h.base_len()) * DELTA_MAX_PART <= h.base_len());
+    let (name, bytes, index) = match (base, patched) {
+        (Some(base), Some(p)) => {
+            let name = w.new_index_name(DELTA_SUFFIX);
+            let bytes = w.write_index_file(&name, |f| h.save_delta(&p, f))?;
+            let ix = IndexRef {
+                file: base.to_string(),
+                rows: rows as u64,
+                delta: Some(name.clone()),
+            };
+            (name, bytes, ix)
+        }
+        _ => {
+            let name = w.new_index_name(INDEX_SUFFIX);
+            let bytes = w.write_index_file(&name, |f| h.save(f))?;
+            let ix = IndexRef {
+                file: name.clone(),
+                rows: rows as u64,
+                delta: None,
+            };
+            (name, bytes, ix)
+        }
+    };
+    let delta = index.delta.is_some();
+    w.commit_index(Some(index))?;
     let p = h.params();
     Ok(Built {
         file: w.db().dir.join(name),
         rows,
         inserted,
         rebuilt,
+        delta,
         bytes,
         seconds: t0.elapsed().as_secs_f64(),
         m: p.m,
@@ -116,10 +151,11 @@ pub fn refresh(dir: &Path, had: Option<Params>) -> Result<Option<Built>> {
     if ix.rows == db.rows() {
         return Ok(None);
     }
+    let base = db.state.index.as_ref().map(|i| i.file.clone());
     let mut h = ix.hnsw;
     let data = db.vectors.data();
     h.extend(data);
     h.set_deleted(|i| db.is_removed(i as usize));
     let rows = db.rows();
-    commit(&mut w, h, rows, rows - ix.rows, false, t0).map(Some)
+    commit(&mut w, h, base.as_deref(), rows, rows - ix.rows, false, t0).map(Some)
 }
