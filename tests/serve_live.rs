@@ -379,3 +379,46 @@ fn serve_searches_through_the_index_with_filters_and_follows_its_updates() {
         ids_of(&get(&format!("{}/api/search?id=3&top=5", exact.base)).1)
     );
 }
+
+/// An upload goes into the DB's ANN index before it is answered (a delta over the graph file when
+/// the DB has one), and a search through the index finds it.
+#[test]
+fn uploads_update_the_ann_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, db) = fresh(tmp.path());
+    let d = db.to_str().unwrap();
+    let (code, _, err) = common::cli(&["index", "--db", d]);
+    assert_eq!(code, 0, "{err}");
+    let img = tmp.path().join("up.png");
+    png(&img, 91);
+    let bytes = std::fs::read(&img).unwrap();
+    let s = start(&db, &["--writable", "--api-key", "k3y"]);
+    let (code, v) = post(
+        &format!("{}/api/images?name=up.png", s.base),
+        &[("Authorization", "Bearer k3y")],
+        &bytes,
+    );
+    assert_eq!(code, 201, "{v}");
+    let st = deeprank::store::state::read(&db).unwrap().unwrap();
+    assert_eq!(st.rows, 13);
+    assert_eq!(
+        st.index.as_ref().map(|i| i.rows),
+        Some(13),
+        "the upload is not in the index: {:?}",
+        st.index
+    );
+    assert!(common::changes::consistent(&db).is_empty());
+    let (_, stats) = get(&format!("{}/api/stats", s.base));
+    assert_eq!(
+        (&stats["index"]["rows"], &stats["index"]["tail_rows"]),
+        (&Value::from(13), &Value::from(0)),
+        "{stats}"
+    );
+    let (code, v) = post(
+        &format!("{}/api/search?top=1", s.base),
+        &[("Content-Type", "image/png")],
+        &bytes,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["results"][0]["id"], 12, "{v}");
+}

@@ -5,6 +5,7 @@
 // Handlers return ready responses as their error type, as axum handlers do.
 #![allow(clippy::result_large_err)]
 
+use crate::search::ann::update;
 use crate::serve::limits::{Admission, upload_bytes};
 use crate::serve::routes::{AppState, client_error, err};
 use crate::serve::{Source, store};
@@ -53,7 +54,8 @@ fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     Ok(())
 }
 
-/// `POST /api/images[?name=FILE]` with an image (multipart or raw body): stores and indexes it.
+/// `POST /api/images[?name=FILE]` with an image (multipart or raw body): stores it, and inserts it
+/// into the DB's ANN index when there is one.
 /// 201 with its id; 200 with the existing id when the same bytes are already in the DB.
 pub(super) async fn upload(
     State(s): State<Arc<AppState>>,
@@ -87,7 +89,19 @@ pub(super) async fn upload(
         Source::Store(src) => return store::upload(src, bytes, name, vector).await,
     };
     let stored = tokio::task::spawn_blocking(move || {
-        let stored = store_upload(live.dir(), &bytes, &name, vector)?;
+        let dir = live.dir();
+        let stored = store_upload(dir, &bytes, &name, vector)?;
+        if !stored.duplicate {
+            // Into the DB's ANN index too, when it has one (a delta over its graph). The row is
+            // committed either way: should this fail, searches scan it exactly.
+            if let Err(e) = update::refresh(dir, None) {
+                eprintln!(
+                    "warning: upload {} is stored, but the ANN index was not updated: {e:#}. Rows past the index are searched exactly; rebuild it with `deeprank index --db {}`",
+                    stored.id,
+                    dir.display()
+                );
+            }
+        }
         live.reload()?;
         anyhow::Ok(stored)
     })
