@@ -2,7 +2,7 @@
 //!
 //! Each folder is a stage of the data path, and a module uses only its own stage and those listed
 //! before it (checked by `tests/architecture.rs`; see `docs/ARCHITECTURE.md`):
-//! [`progress`] → [`data`] (datasets, decoding, augmentation) → [`model`] (Lite0, weights, the
+//! [`progress`] → [`data`] (datasets, decoding, augmentation) → [`model`] (EfficientNet-Lite, weights, the
 //! embedding network, a run's identity and folder, the device) → [`cpu`] (deeprank's own kernels:
 //! the inference engine and the training pass) → [`infer`] (the embedder) → [`store`] (npy, DB
 //! folders) → [`render`] (grids, plots) → [`search`] (index, query, metrics) → [`train`]

@@ -507,12 +507,16 @@ fn pickle_of(pth: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Weights as `load_lite0` reads them; our tiny seeds hold 2 of Lite0's tensors, so a seed is
+/// Weights as `weights::load` reads them; our tiny seeds hold 2 of Lite0's tensors, so a seed is
 /// "read" when the error says which tensors are missing.
 fn load_weights(dir: &Path, ext: &str, bytes: &[u8]) -> Result<(), String> {
     let p = dir.join(format!("w.{ext}"));
     std::fs::write(&p, bytes).unwrap();
-    match deeprank::model::weights::load_lite0(&p, &deeprank::model::device::device()) {
+    match deeprank::model::weights::load(
+        &p,
+        deeprank::model::lite::Backbone::Lite0,
+        &deeprank::model::device::device(),
+    ) {
         Ok(_) => Ok(()),
         Err(e) => {
             let m = format!("{e:#}");

@@ -102,7 +102,10 @@ fn engine_pooled_features_match_pytorch_at_224() {
     }
     let w = common::weights();
     let dev = deeprank::model::device::device();
-    let engine = Engine::new(&deeprank::model::weights::load_lite0(&w, &dev).unwrap()).unwrap();
+    let engine = Engine::new(
+        &deeprank::model::weights::load(&w, deeprank::model::lite::Backbone::Lite0, &dev).unwrap(),
+    )
+    .unwrap();
     let got_engine = engine.pooled(&buf, n, size);
     // And what the embedder runs in this build (the engine on the CPU), unnormalised.
     let got_embed = Embedder::pretrained(Some(&w), 224, false)
@@ -180,7 +183,8 @@ fn safetensors_weights_load_like_the_pth() {
     use burn::store::{ModuleSnapshot, SafetensorsStore};
     let dev = deeprank::model::device::device();
     let w = common::weights();
-    let model = deeprank::model::weights::load_lite0(&w, &dev).unwrap();
+    let model =
+        deeprank::model::weights::load(&w, deeprank::model::lite::Backbone::Lite0, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("lite0.safetensors");
     model
@@ -201,14 +205,21 @@ fn safetensors_weights_load_like_the_pth() {
     // Weights of another shape are refused with a message, not a panic.
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, b"garbage").unwrap();
-    assert!(deeprank::model::weights::load_lite0(&bad, &dev).is_err());
+    assert!(
+        deeprank::model::weights::load(&bad, deeprank::model::lite::Backbone::Lite0, &dev).is_err()
+    );
 }
 
 #[test]
 fn folded_batchnorm_path_matches_the_plain_network() {
     let dev = deeprank::model::device::device();
-    let model = deeprank::model::weights::load_lite0(&common::weights(), &dev).unwrap();
-    let fused = deeprank::infer::fused::FusedLite0::new(&model).unwrap();
+    let model = deeprank::model::weights::load(
+        &common::weights(),
+        deeprank::model::lite::Backbone::Lite0,
+        &dev,
+    )
+    .unwrap();
+    let fused = deeprank::infer::fused::FusedLite::new(&model).unwrap();
     for size in [64usize, 128] {
         // Real images and random inputs.
         let x = mixed_inputs(size);
@@ -258,7 +269,12 @@ fn cpu_engine_matches_the_plain_network() {
     use deeprank::cpu::engine::{Engine, Output};
     use deeprank::model::net::{Arch, EmbedNet};
     let dev = deeprank::model::device::device();
-    let model = deeprank::model::weights::load_lite0(&common::weights(), &dev).unwrap();
+    let model = deeprank::model::weights::load(
+        &common::weights(),
+        deeprank::model::lite::Backbone::Lite0,
+        &dev,
+    )
+    .unwrap();
     let engine = Engine::new(&model).unwrap();
     for size in [64usize, 96, 128] {
         let x = mixed_inputs(size);

@@ -302,7 +302,12 @@ const MOVED: f32 = 1e-6;
 fn backbone_moves(run: &Path) -> Vec<f32> {
     let dev = deeprank::model::device::device();
     let (_, net) = deeprank::model::run::load_run(run).unwrap();
-    let p = deeprank::model::weights::load_lite0(&common::weights(), &dev).unwrap();
+    let p = deeprank::model::weights::load(
+        &common::weights(),
+        deeprank::model::lite::Backbone::Lite0,
+        &dev,
+    )
+    .unwrap();
     part_diffs(&net.backbone, &p)
 }
 
@@ -317,7 +322,7 @@ fn max_diff<const D: usize>(a: burn::prelude::Tensor<D>, b: burn::prelude::Tenso
 }
 
 /// Largest |Δ| per backbone part (see [`backbone_moves`]) between two networks.
-fn part_diffs(r: &deeprank::model::lite0::Lite0, p: &deeprank::model::lite0::Lite0) -> Vec<f32> {
+fn part_diffs(r: &deeprank::model::lite::Lite, p: &deeprank::model::lite::Lite) -> Vec<f32> {
     use burn::nn::BatchNorm;
     use burn::nn::conv::Conv2d;
     let conv = |a: &Conv2d, b: &Conv2d| max_diff(a.weight.val(), b.weight.val());
@@ -683,12 +688,11 @@ fn unreadable_training_images_are_skipped_and_counted() {
 #[test]
 fn fast_backbone_pass_matches_burns_autodiff() {
     use burn::prelude::*;
-    use deeprank::model::net::POOLED_LEVEL;
+    use deeprank::model::lite::Backbone;
     use deeprank::train::config::{BnMode, Recipe, TrainConfig, build_net};
     use deeprank::train::optim::apply_freeze;
     use deeprank::train::{glue, loss};
 
-    let w = common::weights();
     let size = 64usize;
     let mut images: Vec<std::path::PathBuf> =
         std::fs::read_dir(common::sample().join("val/images"))
@@ -701,15 +705,17 @@ fn fast_backbone_pass_matches_burns_autodiff() {
     assert_eq!(ok.iter().filter(|&&o| o).count(), 6);
     let ad = deeprank::model::device::device().autodiff();
 
-    for (freeze, bn) in [
-        (0usize, BnMode::Frozen),
-        (0, BnMode::Train),
-        (9, BnMode::Frozen),
-        (16, BnMode::Train),
+    // Lite2 cut at block 19 of its 21: blocks Lite0 does not have, of other widths.
+    for (backbone, freeze, bn) in [
+        (Backbone::Lite0, 0usize, BnMode::Frozen),
+        (Backbone::Lite0, 0, BnMode::Train),
+        (Backbone::Lite0, 9, BnMode::Frozen),
+        (Backbone::Lite0, 16, BnMode::Train),
+        (Backbone::Lite2, 19, BnMode::Train),
     ] {
         let tol = if bn == BnMode::Train { 1e-2 } else { 1e-4 };
-        let mut cfg = TrainConfig::recipe(Recipe::Seed, common::sample());
-        cfg.weights = Some(w.clone());
+        let mut cfg = TrainConfig::recipe_for(Recipe::Seed, common::sample(), backbone);
+        cfg.weights = Some(common::weights_for(backbone));
         cfg.size = size as u32;
         cfg.dim = 16;
         cfg.freeze_blocks = freeze;
@@ -730,7 +736,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
                 )
                 .unwrap();
                 pending = Some(p);
-                model.suffix(input, POOLED_LEVEL)
+                model.suffix(input, model.pooled_level())
             } else {
                 let x =
                     Tensor::<4>::from_data(TensorData::new(buf.clone(), [6, 3, size, size]), &ad);
@@ -753,7 +759,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
         assert!(l_burn > 0.0, "the test needs a non-zero loss");
         assert!(
             (l_fast - l_burn).abs() <= 1e-4 * l_burn.abs().max(1.0),
-            "freeze {freeze}: loss {l_fast} vs {l_burn}"
+            "{backbone:?} freeze {freeze}: loss {l_fast} vs {l_burn}"
         );
         let vals = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
         let vals4 = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
@@ -765,7 +771,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
             // next training-mode BatchNorm removes) and only rounding noise here.
             assert!(
                 err <= tol * scale + 1e-6,
-                "freeze {freeze} {what}: max |Δ| {err:.3e}, scale {scale:.3e}"
+                "{backbone:?} freeze {freeze} {what}: max |Δ| {err:.3e}, scale {scale:.3e}"
             );
             scale
         };
@@ -790,13 +796,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
                 "stem".into(),
             ));
         }
-        for (i, (b, f)) in bb
-            .blocks
-            .iter()
-            .zip(&fb.blocks)
-            .enumerate()
-            .skip(level.min(16))
-        {
+        for (i, (b, f)) in bb.blocks.iter().zip(&fb.blocks).enumerate().skip(level) {
             if let (Some(c), Some(fc), Some(n), Some(fnn)) =
                 (&b.expand_conv, &f.expand_conv, &b.bn0, &f.bn0)
             {
@@ -885,7 +885,7 @@ fn fast_backbone_pass_matches_burns_autodiff() {
         close(&gf, &gb, "embedding head weight", 1e-3);
         assert!(
             checked >= 1 && nonzero >= 1,
-            "freeze {freeze}: nothing compared"
+            "{backbone:?} freeze {freeze}: nothing compared"
         );
         // Nothing frozen got a gradient.
         assert_eq!(
@@ -903,7 +903,6 @@ fn fast_backbone_pass_matches_burns_autodiff() {
 #[test]
 fn cached_pass_matches_burns_autodiff_from_the_cache() {
     use deeprank::data::dataset::{Dataset, Split};
-    use deeprank::model::net::POOLED_LEVEL;
     use deeprank::train::cache::FeatureCache;
     use deeprank::train::config::{BnMode, Recipe, TrainConfig, build_net};
     use deeprank::train::optim::apply_freeze;
@@ -933,7 +932,7 @@ fn cached_pass_matches_burns_autodiff_from_the_cache() {
             let (emb, pending) = if fast {
                 let (input, p) =
                     glue::cached(&model, &cache, &slots, freeze, train_bn, &ad).unwrap();
-                (model.suffix(input, POOLED_LEVEL), Some(p))
+                (model.suffix(input, model.pooled_level()), Some(p))
             } else {
                 (model.suffix(cache.gather(&slots, &ad), freeze), None)
             };

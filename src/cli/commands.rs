@@ -12,7 +12,8 @@ use deeprank::data::sampler;
 use deeprank::data::skipped::Skipped;
 use deeprank::data::walk;
 use deeprank::infer::embedder::{Embedder, ModelSpec};
-use deeprank::model::weights as lite0_weights;
+use deeprank::model::lite::Backbone;
+use deeprank::model::weights;
 use deeprank::render::grid;
 use deeprank::search::ann::db as ann_db;
 use deeprank::search::{eval, query};
@@ -32,8 +33,8 @@ fn report_left_out(left_out: &[Skipped]) {
 /// `deeprank weights fetch|path`: prints where the weights are.
 pub fn weights(a: WeightsArgs) -> Result<()> {
     match a.cmd {
-        WeightsCmd::Fetch => println!("{}", lite0_weights::fetch()?.display()),
-        WeightsCmd::Path => println!("{}", lite0_weights::default_path().display()),
+        WeightsCmd::Fetch => println!("{}", weights::fetch(a.backbone.into())?.display()),
+        WeightsCmd::Path => println!("{}", weights::default_path(a.backbone.into()).display()),
     }
     Ok(())
 }
@@ -109,8 +110,9 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         weights,
         worker: _,
         commit_every: _,
+        backbone,
     } = a;
-    let spec = ModelSpec::parse(&model)?;
+    let spec = ModelSpec::parse(&model)?.with_backbone(backbone.map(Into::into))?;
     let c = Collection::open(&data, split.into(), &Labels::parse(&labels))?;
     report_left_out(&c.left_out);
     eprintln!("{}", c.summary());
@@ -288,10 +290,12 @@ pub fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         search,
         uploads,
         allow_partial,
+        backbone,
     } = a;
     if !(max_upload_mb > 0.0 && max_megapixels > 0.0) || max_batch == 0 {
         bail!("--max-upload-mb, --max-megapixels and --max-batch must be positive");
     }
+    let model = super::model_choice(model.as_deref(), backbone)?;
     let defaults = deeprank::serve::ServeOptions::default();
     let opts = deeprank::serve::ServeOptions {
         addr,
@@ -342,12 +346,16 @@ pub fn classify(a: ClassifyArgs) -> Result<()> {
         batch,
         split,
         weights,
+        backbone,
     } = a;
+    let backbone: Backbone = backbone.into();
     let ds = Dataset::open(&data, split.into())?;
-    let emb = Embedder::pretrained(weights.as_deref(), size, false)?;
+    let size = size.unwrap_or(backbone.native_size());
+    let emb = Embedder::pretrained_backbone(backbone, weights.as_deref(), size, false)?;
     let r = eval::imagenet_top1(&emb, &ds, &imagenet_wnids, batch)?;
     println!(
-        "ImageNet top-1 restricted to {} classes at {} px: {:.4} ({} of {} images)",
+        "{} ImageNet top-1 restricted to {} classes at {} px: {:.4} ({} of {} images)",
+        backbone.title(),
         ds.classes.len(),
         r.size,
         r.top1,

@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 use deeprank::data::dataset::{Dataset, Split};
 use deeprank::infer::embedder::Embedder;
+use deeprank::model::lite::Backbone;
 use deeprank::model::weights;
 use deeprank::render::grid;
 use deeprank::search::eval::{EvalReport, evaluate};
@@ -117,7 +118,7 @@ pub fn run(opts: &DemoOptions) -> Result<PathBuf> {
     };
     let wpath = match &opts.weights {
         Some(w) => w.clone(),
-        None => weights::fetch()?,
+        None => weights::fetch(Backbone::Lite0)?,
     };
     eprintln!("weights: {}", wpath.display());
     let train_ds = Dataset::open(&data, Split::Train)?;

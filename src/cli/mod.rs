@@ -13,6 +13,8 @@ mod train;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use deeprank::data::dataset::Split;
+use deeprank::infer::embedder::ModelSpec;
+use deeprank::model::lite::Backbone;
 use globals::Globals;
 use std::path::PathBuf;
 pub use train::TrainArgs;
@@ -36,7 +38,7 @@ pub enum Cmd {
     Demo(DemoArgs),
     /// Writes triplets (query,positive,negative) as the seed's sampler.py does.
     Sample(SampleArgs),
-    /// Manages the ImageNet weights of EfficientNet-Lite0.
+    /// Manages the ImageNet weights of EfficientNet-Lite0/1/2.
     Weights(WeightsArgs),
     /// Embeds every image under a folder (any tree, labels optional) into a DB folder (vectors.npy,
     /// manifest.tsv, meta.json).
@@ -120,6 +122,30 @@ pub struct SampleArgs {
 pub struct WeightsArgs {
     #[command(subcommand)]
     cmd: WeightsCmd,
+    /// Which network's weights.
+    #[arg(long, value_enum, default_value = "lite0", global = true)]
+    backbone: BackboneArg,
+}
+
+/// `--backbone`: the pretrained EfficientNet-Lite network.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackboneArg {
+    /// EfficientNet-Lite0 (16 blocks; ImageNet-trained at 224 px).
+    Lite0,
+    /// EfficientNet-Lite1 (21 blocks; 240 px).
+    Lite1,
+    /// EfficientNet-Lite2 (21 blocks, 10% wider; 260 px).
+    Lite2,
+}
+
+impl From<BackboneArg> for Backbone {
+    fn from(b: BackboneArg) -> Backbone {
+        match b {
+            BackboneArg::Lite0 => Backbone::Lite0,
+            BackboneArg::Lite1 => Backbone::Lite1,
+            BackboneArg::Lite2 => Backbone::Lite2,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -138,10 +164,14 @@ pub struct EmbedArgs {
     labels: String,
     #[arg(long)]
     out: PathBuf,
-    /// `pretrained` (ImageNet EfficientNet-Lite0, pooled 1280-d features).
+    /// `pretrained` (ImageNet EfficientNet-Lite, pooled 1280-d features) or a run folder.
     #[arg(long, default_value = "pretrained")]
     model: String,
-    /// Input side in pixels, a multiple of 32 (default: 128, or a run's training size).
+    /// The pretrained network (lite0 unless given; a run's must match it).
+    #[arg(long, value_enum)]
+    backbone: Option<BackboneArg>,
+    /// Input side in pixels: even for the pretrained network, a multiple of 32 for a run (default:
+    /// 128, or a run's training size).
     #[arg(long)]
     size: Option<u32>,
     /// Also write the seed's text form: one image per line, path then the values.
@@ -236,6 +266,9 @@ pub struct ServeArgs {
     /// Model for uploads (must be the DB's; default: the DB's).
     #[arg(long)]
     model: Option<String>,
+    /// The pretrained network for uploads (must be the DB's; default: the DB's).
+    #[arg(long, value_enum)]
+    backbone: Option<BackboneArg>,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// Largest upload in MB.
@@ -285,14 +318,17 @@ pub struct ClassifyArgs {
     /// The 1,000 ImageNet wnids in logit order.
     #[arg(long)]
     imagenet_wnids: PathBuf,
-    #[arg(long, default_value_t = 224)]
-    size: u32,
+    /// Input side in pixels (default: the backbone's ImageNet size: 224, 240 or 260).
+    #[arg(long)]
+    size: Option<u32>,
     #[arg(long, default_value_t = 64)]
     batch: usize,
     #[arg(long, value_enum, default_value = "val")]
     split: SplitArg,
     #[arg(long)]
     weights: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "lite0")]
+    backbone: BackboneArg,
 }
 
 #[derive(Subcommand)]
@@ -316,6 +352,18 @@ impl From<SplitArg> for Split {
             SplitArg::Val => Split::Val,
         }
     }
+}
+
+/// `--model` with `--backbone` applied (None: the DB's model). Checks a run's backbone.
+pub fn model_choice(model: Option<&str>, backbone: Option<BackboneArg>) -> Result<Option<String>> {
+    Ok(match (model, backbone) {
+        (m, None) => m.map(str::to_string),
+        (m, Some(b)) => Some(
+            ModelSpec::parse(m.unwrap_or("pretrained"))?
+                .with_backbone(Some(b.into()))?
+                .source(),
+        ),
+    })
 }
 
 /// Sets up the thread pool and the device, then runs the command.

@@ -79,7 +79,7 @@ pub fn embed(a: EmbedArgs, url: &str) -> Result<()> {
         bail!("--text writes a file beside a DB folder; it is not available with a store URL");
     }
     let worker = a.worker.as_deref().map(Worker::parse).transpose()?;
-    let spec = ModelSpec::parse(&a.model)?;
+    let spec = ModelSpec::parse(&a.model)?.with_backbone(a.backbone.map(Into::into))?;
     let c = Collection::open(&a.data, a.split.into(), &Labels::parse(&a.labels))?;
     eprintln!("{}", c.summary());
     let emb = Embedder::from_spec(&spec, a.weights.as_deref(), a.size, !a.no_normalize)?;
@@ -333,6 +333,9 @@ pub struct InitArgs {
     /// The model the collection will hold (its identity is recorded now).
     #[arg(long, default_value = "pretrained")]
     model: String,
+    /// The pretrained network (lite0 unless given; a run's must match it).
+    #[arg(long, value_enum)]
+    backbone: Option<super::BackboneArg>,
     #[arg(long)]
     size: Option<u32>,
     #[arg(long)]
@@ -344,7 +347,7 @@ pub struct InitArgs {
 /// `deeprank store init`.
 pub fn store(a: StoreArgs) -> Result<()> {
     let StoreCmd::Init(a) = a.cmd;
-    let spec = ModelSpec::parse(&a.model)?;
+    let spec = ModelSpec::parse(&a.model)?.with_backbone(a.backbone.map(Into::into))?;
     let emb = Embedder::from_spec(&spec, a.weights.as_deref(), a.size, !a.no_normalize)?;
     let shards: Vec<&str> = a.shards.iter().map(String::as_str).collect();
     let store = init_sharded(

@@ -1,6 +1,7 @@
 //! `deeprank train`: its flags, the recipe they override, and what it prints.
 
 use anyhow::{Result, bail};
+use deeprank::model::lite::Backbone;
 use deeprank::model::net::Arch;
 use deeprank::train::config::{BnMode, OptimizerKind, Recipe, TrainConfig};
 use deeprank::train::plan::Sampling;
@@ -31,6 +32,9 @@ pub struct TrainArgs {
     /// Triplet file from `deeprank sample` (implies --sampling file).
     #[arg(long)]
     triplets: Option<PathBuf>,
+    /// The pretrained network (default: lite0; on --resume, the run's).
+    #[arg(long, value_enum)]
+    backbone: Option<super::BackboneArg>,
     #[arg(long, value_enum)]
     arch: Option<ArchArg>,
     /// Embedding dimension.
@@ -68,7 +72,8 @@ pub struct TrainArgs {
     steps_per_epoch: Option<usize>,
     #[arg(long)]
     size: Option<u32>,
-    /// Freeze the stem and the first K MBConv blocks (0–16), or 17 for the whole backbone.
+    /// Freeze the stem and the first K MBConv blocks (0–B), or B + 1 for the whole backbone
+    /// (B = 16 for lite0, 21 for lite1/lite2) [default recipe: the whole backbone].
     #[arg(long)]
     freeze_blocks: Option<usize>,
     #[arg(long, value_enum)]
@@ -102,8 +107,16 @@ impl TrainArgs {
         let mut c = match (run, self.recipe) {
             (Some(r), None) => r.clone(),
             (r, recipe) => {
-                let mut c =
-                    TrainConfig::recipe(recipe.unwrap_or(RecipeArg::Default).into(), data.clone());
+                let backbone = match (self.backbone, r) {
+                    (Some(b), _) => b.into(),
+                    (None, Some(r)) => r.backbone,
+                    (None, None) => Backbone::Lite0,
+                };
+                let mut c = TrainConfig::recipe_for(
+                    recipe.unwrap_or(RecipeArg::Default).into(),
+                    data.clone(),
+                    backbone,
+                );
                 // Where the run reads from and its weights stay the run's.
                 if let Some(r) = r {
                     c.val = r.val.clone();
@@ -119,7 +132,7 @@ impl TrainArgs {
         macro_rules! set_enum {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v.into(); } )* };
         }
-        set_enum!(arch, sampling, optimizer, bn);
+        set_enum!(backbone, arch, sampling, optimizer, bn);
         set!(
             dim,
             normalize,
@@ -229,9 +242,10 @@ impl From<RecipeArg> for Recipe {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ArchArg {
-    /// EfficientNet-Lite0 + linear head.
+    /// The backbone (`--backbone`, EfficientNet-Lite0 by default) + a linear head (named `lite0`
+    /// from when Lite0 was the only backbone; kept so existing runs and commands stay valid).
     Lite0,
-    /// The paper's multiscale network: Lite0 + two shallow branches on 4:1 and 8:1 copies.
+    /// The paper's multiscale network: the backbone + two shallow branches on 4:1 and 8:1 copies.
     Multiscale,
 }
 

@@ -1,4 +1,4 @@
-//! deeprank's own CPU inference engine for EfficientNet-Lite0: BatchNorm folded into every
+//! deeprank's own CPU inference engine for the EfficientNet-Lite networks (any block config): BatchNorm folded into every
 //! convolution, channels-last (NHWC) activations, 1×1 convolutions as matrix products (the `gemm`
 //! crate, runtime AVX-512/AVX2 dispatch), depthwise convolutions as a hand-written channel-vector
 //! loop with bias and ReLU6 fused in, one image per thread with that thread's scratch buffers reused
@@ -12,7 +12,7 @@ use crate::cpu::depthwise::{DwArgs, depthwise};
 use crate::cpu::fold::fold;
 use crate::cpu::gemm::matmul_acc;
 use crate::model::device::on_cpu;
-use crate::model::lite0::{FEATURE_DIM, Lite0};
+use crate::model::lite::{FEATURE_DIM, Lite};
 use anyhow::{Result, bail};
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -172,7 +172,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
-/// EfficientNet-Lite0 for inference on the CPU (see the module docs).
+/// An EfficientNet-Lite network for inference on the CPU (see the module docs).
 pub struct Engine {
     stem: Stem,
     blocks: Vec<Block>,
@@ -192,7 +192,7 @@ pub enum Output {
 
 impl Engine {
     /// Folds the network's BatchNorms (running statistics) into an inference copy.
-    pub fn new(m: &Lite0) -> Result<Self> {
+    pub fn new(m: &Lite) -> Result<Self> {
         let (w, b, d) = fold(&m.conv_stem, &m.bn0)?;
         if d[1] != 3 || d[2] != 3 || d[3] != 3 {
             bail!("unexpected stem shape {d:?}");
@@ -348,7 +348,7 @@ impl Engine {
 }
 
 /// deeprank's CPU engine for `backbone` when computing on the CPU (None on other devices).
-pub fn cpu_engine(backbone: &Lite0) -> Result<Option<Engine>> {
+pub fn cpu_engine(backbone: &Lite) -> Result<Option<Engine>> {
     Ok(if on_cpu() {
         Some(Engine::new(backbone)?)
     } else {

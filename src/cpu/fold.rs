@@ -1,7 +1,7 @@
 //! BatchNorm folding: a convolution and the BatchNorm after it as one convolution with a bias.
 
 use crate::model::device::to_vec as host;
-use crate::model::lite0::BN_EPS;
+use crate::model::lite::BN_EPS;
 use anyhow::Result;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;

@@ -1,7 +1,7 @@
 //! Every hand-written CPU kernel: BatchNorm folding, the `gemm` wrappers, one AVX-512/AVX2/baseline
 //! dispatch, the squared-L2 kernels ([`l2`]), depthwise convolution forward and backward, BatchNorm/ReLU6 row passes, the inference
 //! [`engine`] and the trainable backbone's forward and backward [`pass`]. Uses [`crate::model`]
-//! (reads Lite0's weights) and nothing above it.
+//! (reads the backbone's weights) and nothing above it.
 
 pub mod depthwise;
 pub mod engine;

@@ -1,4 +1,4 @@
-//! deeprank's own CPU training pass for the EfficientNet-Lite0 backbone: forward with the
+//! deeprank's own CPU training pass for the EfficientNet-Lite backbone: forward with the
 //! activations kept, and the backward pass by hand, channels-last, each layer over the whole batch
 //! (BatchNorm needs the batch's statistics): 1×1 convolutions and their gradients as threaded
 //! matrix products, depthwise convolutions forward and backward as channel-vector loops threaded over
@@ -15,8 +15,7 @@ use crate::cpu::engine::{self, Engine, Output};
 use crate::cpu::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::cpu::norm::{ROWS_PER_TASK, col_moments, masked_col_dot, norm_back_rows, norm_rows};
 use crate::model::device::{device, to_vec as host};
-use crate::model::lite0::Lite0;
-use crate::model::net::POOLED_LEVEL;
+use crate::model::lite::Lite;
 use anyhow::{Result, bail};
 use burn::module::ParamId;
 use burn::nn::BatchNorm;
@@ -173,9 +172,10 @@ pub struct Tape {
 }
 
 impl Backbone {
-    /// Reads the layers of `m` above `level` (0 ≤ level < 17; see [`crate::model::net`]).
-    pub fn read(m: &Lite0, level: usize, train_bn: bool) -> Result<Self> {
-        if level >= POOLED_LEVEL {
+    /// Reads the layers of `m` above `level` (0 ≤ level < its pooled level; see
+    /// [`crate::model::net`]).
+    pub fn read(m: &Lite, level: usize, train_bn: bool) -> Result<Self> {
+        if level > m.blocks.len() {
             bail!("level {level}: nothing of the backbone trains");
         }
         let below = if level == 0 {
@@ -186,17 +186,17 @@ impl Backbone {
         Self::with_below(m, level, train_bn, below)
     }
 
-    /// Reads the layers of `m` above `level` (1 ≤ level < 17) for a [`Backbone::forward`] whose
+    /// Reads the layers of `m` above `level` (1 ≤ level < its pooled level) for a [`Backbone::forward`] whose
     /// input is the frozen prefix's output at `level`, channels-last (`[n][side][side][c]`), as a
     /// feature cache holds it, instead of images.
-    pub fn read_above(m: &Lite0, level: usize, train_bn: bool) -> Result<Self> {
-        if level == 0 || level >= POOLED_LEVEL {
+    pub fn read_above(m: &Lite, level: usize, train_bn: bool) -> Result<Self> {
+        if level == 0 || level > m.blocks.len() {
             bail!("level {level}: no frozen prefix below a trainable part to start from");
         }
         Self::with_below(m, level, train_bn, Below::Given)
     }
 
-    fn with_below(m: &Lite0, level: usize, train_bn: bool, below: Below) -> Result<Self> {
+    fn with_below(m: &Lite, level: usize, train_bn: bool, below: Below) -> Result<Self> {
         let mut blocks = Vec::new();
         for b in m.blocks.iter().skip(level) {
             let expand = match (&b.expand_conv, &b.bn0) {

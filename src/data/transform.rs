@@ -175,3 +175,16 @@ pub fn check_size(size: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// Input sides the pretrained network accepts: any even side (the ImageNet sizes of Lite1 and
+/// Lite2, 240 and 260, are not multiples of 32; the later feature maps then have odd sides, padded
+/// as PyTorch pads them).
+pub fn check_pretrained_size(size: u32) -> Result<()> {
+    if !(32..=1024).contains(&size) || !size.is_multiple_of(2) {
+        bail!(
+            "--size {size} is not supported for the pretrained network: use an even side between 32 \
+             and 1024 (e.g. 128, 224, 240, 260)"
+        );
+    }
+    Ok(())
+}

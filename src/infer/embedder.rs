@@ -4,47 +4,84 @@
 use crate::cpu::engine::{Engine, cpu_engine};
 use crate::data::batch::decode_batch;
 use crate::data::skipped::Skipped;
-use crate::data::transform::check_size;
-use crate::infer::fused::FusedLite0;
+use crate::data::transform::{check_pretrained_size, check_size};
+use crate::infer::fused::FusedLite;
 use crate::infer::trained::embed_host;
 use crate::model::device::{device, to_vec};
-use crate::model::lite0::{FEATURE_DIM, Lite0};
+use crate::model::identity::RunIdentity;
+use crate::model::lite::{Backbone, FEATURE_DIM, Lite};
 use crate::model::net::EmbedNet;
 use crate::model::run::{CONFIG, MODEL, load_run};
 use crate::model::weights;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// Which network produces the vectors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSpec {
-    /// EfficientNet-Lite0 ImageNet weights, pooled 1280-d features.
-    Pretrained,
+    /// A backbone's ImageNet weights, pooled 1280-d features.
+    Pretrained(Backbone),
     /// A run folder written by `deeprank train` (its `model.bpk` and `config.json`).
     Run(PathBuf),
 }
 
 impl ModelSpec {
-    /// Parses `pretrained` or a run folder.
+    /// Parses `pretrained` (Lite0), `pretrained-lite1`, `pretrained-lite2` or a run folder.
     pub fn parse(s: &str) -> Result<ModelSpec> {
-        if s == "pretrained" {
-            return Ok(ModelSpec::Pretrained);
+        if let Some(b) = Backbone::ALL
+            .into_iter()
+            .find(|&b| ModelSpec::Pretrained(b).source() == s)
+        {
+            return Ok(ModelSpec::Pretrained(b));
         }
         let p = PathBuf::from(s);
         if p.join(CONFIG).is_file() {
             return Ok(ModelSpec::Run(p));
         }
         bail!(
-            "--model {s:?} is neither `pretrained` nor a training run folder (with {})",
+            "--model {s:?} is neither `pretrained` (or `pretrained-lite1`, `pretrained-lite2`) nor \
+             a training run folder (with {})",
             CONFIG
         )
     }
 
+    /// How DBs record the spec (`model_source`): `pretrained` for Lite0 as before,
+    /// `pretrained-lite1`/`pretrained-lite2`, or the run folder.
     pub fn source(&self) -> String {
         match self {
-            ModelSpec::Pretrained => "pretrained".into(),
+            ModelSpec::Pretrained(Backbone::Lite0) => "pretrained".into(),
+            ModelSpec::Pretrained(b) => format!("pretrained-{}", b.name()),
             ModelSpec::Run(p) => p.display().to_string(),
+        }
+    }
+
+    /// The spec with `--backbone` applied: a pretrained spec takes that backbone; a run keeps its
+    /// own, which must be the one asked for.
+    pub fn with_backbone(self, backbone: Option<Backbone>) -> Result<ModelSpec> {
+        let Some(b) = backbone else {
+            return Ok(self);
+        };
+        match self {
+            ModelSpec::Pretrained(_) => Ok(ModelSpec::Pretrained(b)),
+            ModelSpec::Run(dir) => {
+                let path = dir.join(CONFIG);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let id: RunIdentity = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is damaged", path.display()))?;
+                if id.backbone != b {
+                    bail!(
+                        "the run {} was trained on {} but --backbone {} was given: drop --backbone \
+                         or pass --backbone {}",
+                        dir.display(),
+                        id.backbone.name(),
+                        b.name(),
+                        id.backbone.name()
+                    );
+                }
+                Ok(ModelSpec::Run(dir))
+            }
         }
     }
 }
@@ -56,14 +93,14 @@ pub type PerFile = (Vec<Option<Vec<f32>>>, Vec<Skipped>);
 /// device burn's network with BatchNorm folded.
 enum Fast {
     Engine(Engine),
-    Fused(Box<FusedLite0>),
+    Fused(Box<FusedLite>),
 }
 
 impl Fast {
-    fn new(m: &Lite0) -> Result<Self> {
+    fn new(m: &Lite) -> Result<Self> {
         Ok(match cpu_engine(m)? {
             Some(e) => Fast::Engine(e),
-            None => Fast::Fused(Box::new(FusedLite0::new(m)?)),
+            None => Fast::Fused(Box::new(FusedLite::new(m)?)),
         })
     }
 }
@@ -71,7 +108,7 @@ impl Fast {
 /// The network behind an embedder.
 enum Net {
     /// The ImageNet network, and its BatchNorm-folded inference copy for the pooled features.
-    Pretrained(Box<Lite0>, Box<Fast>),
+    Pretrained(Box<Lite>, Box<Fast>),
     Trained(Box<EmbedNet>, Option<Engine>),
 }
 
@@ -91,23 +128,34 @@ pub struct Embedder {
 pub const MIN_PRETRAINED_SIZE: u32 = 64;
 
 impl Embedder {
-    /// The pretrained backbone (pooled features), weights from `weights` or the cache.
+    /// The pretrained Lite0 (pooled features), weights from `weights` or the cache.
     pub fn pretrained(weights_file: Option<&Path>, size: u32, normalize: bool) -> Result<Self> {
-        check_size(size)?;
+        Self::pretrained_backbone(Backbone::Lite0, weights_file, size, normalize)
+    }
+
+    /// A pretrained backbone (pooled features), weights from `weights` or the cache.
+    pub fn pretrained_backbone(
+        backbone: Backbone,
+        weights_file: Option<&Path>,
+        size: u32,
+        normalize: bool,
+    ) -> Result<Self> {
+        check_pretrained_size(size)?;
         if size < MIN_PRETRAINED_SIZE {
             // Checked with the PyTorch reference too: at 32 px the last feature map is 1x1 and
             // the pretrained head's BN + ReLU6 clip every channel to 0 on real images.
             bail!(
                 "--size {size} is too small for the pretrained features: at {size} px \
-                 EfficientNet-Lite0's last feature map is 1x1 and comes out all zero (PyTorch \
+                 {}'s last feature map is 1x1 and comes out all zero (PyTorch \
                  gives the same), so every image would get the same vector; use --size \
-                 {MIN_PRETRAINED_SIZE} or larger"
+                 {MIN_PRETRAINED_SIZE} or larger",
+                backbone.title()
             );
         }
-        let path = weights::resolve(weights_file)?;
+        let path = weights::resolve(weights_file, backbone)?;
         let sha = weights::sha256_file(&path)?;
         let device = device();
-        let model = weights::load_lite0(&path, &device)?;
+        let model = weights::load(&path, backbone, &device)?;
         let fast = Fast::new(&model)?;
         Ok(Self {
             net: Net::Pretrained(Box::new(model), Box::new(fast)),
@@ -115,8 +163,8 @@ impl Embedder {
             size,
             normalize,
             dim: FEATURE_DIM,
-            identity: format!("efficientnet-lite0:{}:pooled", &sha[..12]),
-            source: ModelSpec::Pretrained.source(),
+            identity: format!("efficientnet-{}:{}:pooled", backbone.name(), &sha[..12]),
+            source: ModelSpec::Pretrained(backbone).source(),
         })
     }
 
@@ -129,7 +177,9 @@ impl Embedder {
         normalize: bool,
     ) -> Result<Self> {
         match spec {
-            ModelSpec::Pretrained => Self::pretrained(weights_file, size.unwrap_or(128), normalize),
+            ModelSpec::Pretrained(b) => {
+                Self::pretrained_backbone(*b, weights_file, size.unwrap_or(128), normalize)
+            }
             ModelSpec::Run(dir) => Self::trained(dir, size),
         }
     }

@@ -1,10 +1,10 @@
-//! The inference path of EfficientNet-Lite0 with every BatchNorm folded into the convolution before
+//! The inference path of an EfficientNet-Lite network with every BatchNorm folded into the convolution before
 //! it (`w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`), so each layer is one convolution with a bias
 //! (and ReLU6) instead of a convolution plus four element-wise passes. Same outputs as
-//! [`Lite0::pooled`] within float rounding (tested).
+//! [`Lite::pooled`] within float rounding (tested).
 
 use crate::cpu::fold;
-use crate::model::lite0::{Lite0, MbConv};
+use crate::model::lite::{Lite, MbConv};
 use anyhow::Result;
 use burn::module::Param;
 use burn::nn::BatchNorm;
@@ -58,15 +58,15 @@ impl Block {
     }
 }
 
-/// EfficientNet-Lite0 for inference, BatchNorm folded.
-pub struct FusedLite0 {
+/// An EfficientNet-Lite network for inference, BatchNorm folded.
+pub struct FusedLite {
     stem: Conv2d,
     blocks: Vec<Block>,
     head: Conv2d,
 }
 
-impl FusedLite0 {
-    pub fn new(m: &Lite0) -> Result<Self> {
+impl FusedLite {
+    pub fn new(m: &Lite) -> Result<Self> {
         Ok(Self {
             stem: fold(&m.conv_stem, &m.bn0)?,
             blocks: m.blocks.iter().map(Block::new).collect::<Result<_>>()?,

@@ -2,7 +2,7 @@
 //! backbone through deeprank's CPU engine when there is one.
 
 use crate::cpu::engine::{Engine, Output};
-use crate::model::net::{EmbedNet, LevelInput, POOLED_LEVEL};
+use crate::model::net::{EmbedNet, LevelInput};
 use burn::prelude::*;
 
 /// [`EmbedNet::prefix`] of `net` for a host batch `[n][3][size][size]`, through deeprank's CPU engine
@@ -20,7 +20,7 @@ pub fn prefix_host(
         let x = Tensor::from_data(TensorData::new(batch, [n, 3, size, size]), device);
         return net.prefix(x, level);
     };
-    let output = if level >= POOLED_LEVEL {
+    let output = if level >= net.pooled_level() {
         Output::Pooled
     } else {
         Output::Blocks(level)
@@ -45,7 +45,11 @@ pub fn embed_host(
     size: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let level = if engine.is_some() { POOLED_LEVEL } else { 0 };
+    let level = if engine.is_some() {
+        net.pooled_level()
+    } else {
+        0
+    };
     net.suffix(
         prefix_host(net, engine, batch, n, size, level, device),
         level,

@@ -2,12 +2,16 @@
 //! the run's `config.json` (which holds the whole training config; the other fields are ignored
 //! here), so loading a run never needs the training code.
 
+use crate::model::lite::Backbone;
 use crate::model::net::Arch;
 use serde::{Deserialize, Serialize};
 
-/// The identity of a trained run's network (the backbone is always EfficientNet-Lite0).
+/// The identity of a trained run's network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunIdentity {
+    /// The EfficientNet-Lite network under the head (runs from before there was a choice: Lite0).
+    #[serde(default)]
+    pub backbone: Backbone,
     pub arch: Arch,
     /// Embedding dimension.
     pub dim: usize,

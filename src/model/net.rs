@@ -1,14 +1,15 @@
 //! The triplet network's branch: one network with shared weights applied to query, positive and
-//! negative. EfficientNet-Lite0 (pretrained) + a linear embedding head (optionally L2-normalised),
+//! negative. An EfficientNet-Lite backbone (pretrained) + a linear embedding head (optionally L2-normalised),
 //! or the paper's multiscale network (Wang et al. 2014, fig. 3): the CNN plus two shallow
 //! convolution branches on 4:1 and 8:1 down-sampled copies of the input, concatenated, embedded
 //! linearly and L2-normalised.
 //!
-//! The backbone is cut at a *level* K: levels 1–16 are the outputs of MBConv blocks 1–16 (stem
-//! included), level 17 the pooled 1280-d features, level 0 the input. With `--freeze-blocks K`,
+//! The backbone is cut at a *level* K: levels 1–B are the outputs of MBConv blocks 1–B (stem
+//! included; B = 16 for Lite0, 21 for Lite1/Lite2), level B + 1 ([`pooled_level`](crate::model::lite::Backbone::pooled_level)) the
+//! pooled 1280-d features, level 0 the input. With `--freeze-blocks K`,
 //! everything below level K is frozen, so its output can be computed once and cached.
 
-use crate::model::lite0::{FEATURE_DIM, Lite0};
+use crate::model::lite::{FEATURE_DIM, Lite};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -19,17 +20,16 @@ use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use serde::{Deserialize, Serialize};
 
-/// Highest level: the pooled features (whole backbone frozen, only the head trains).
-pub const POOLED_LEVEL: usize = 17;
 /// Channels of each shallow branch of the multiscale network.
 pub const SHALLOW_CHANNELS: usize = 96;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
-    /// EfficientNet-Lite0 + linear head.
+    /// The backbone (`--backbone`, EfficientNet-Lite0 by default) + a linear head (named `lite0`
+    /// from when Lite0 was the only backbone; kept so existing runs and commands stay valid).
     Lite0,
-    /// The paper's multiscale network: Lite0 + two shallow branches on 4:1 and 8:1 copies.
+    /// The paper's multiscale network: the backbone + two shallow branches on 4:1 and 8:1 copies.
     Multiscale,
 }
 
@@ -77,7 +77,7 @@ fn l2n(x: Tensor<2>) -> Tensor<2> {
 /// What the trainable part consumes: the backbone's output at the cut level, and for the
 /// multiscale network the down-sampled inputs.
 pub struct LevelInput {
-    /// `[n, C, H, W]` (level 17: `[n, 1280, 1, 1]`).
+    /// `[n, C, H, W]` (pooled level: `[n, 1280, 1, 1]`).
     pub trunk: Tensor<4>,
     pub small4: Option<Tensor<4>>,
     pub small8: Option<Tensor<4>>,
@@ -85,7 +85,7 @@ pub struct LevelInput {
 
 #[derive(Module, Debug)]
 pub struct EmbedNet {
-    pub backbone: Lite0,
+    pub backbone: Lite,
     pub head: Linear,
     pub shallow4: Option<Shallow>,
     pub shallow8: Option<Shallow>,
@@ -94,7 +94,7 @@ pub struct EmbedNet {
 
 impl EmbedNet {
     /// A head of `dim` outputs on a (pretrained) backbone.
-    pub fn new(backbone: Lite0, arch: Arch, dim: usize, normalize: bool, device: &Device) -> Self {
+    pub fn new(backbone: Lite, arch: Arch, dim: usize, normalize: bool, device: &Device) -> Self {
         let (shallow4, shallow8, input) = match arch {
             Arch::Lite0 => (None, None, FEATURE_DIM),
             Arch::Multiscale => (
@@ -113,11 +113,16 @@ impl EmbedNet {
         }
     }
 
+    /// The level of the pooled features ([`pooled_level`](crate::model::lite::Backbone::pooled_level) of this network's backbone).
+    pub fn pooled_level(&self) -> usize {
+        self.backbone.backbone.pooled_level()
+    }
+
     pub fn is_multiscale(&self) -> bool {
         self.shallow4.is_some()
     }
 
-    /// The multiscale network's 4:1 and 8:1 down-sampled inputs (None for plain Lite0).
+    /// The multiscale network's 4:1 and 8:1 down-sampled inputs (None for the plain network).
     pub fn small_inputs(&self, x: &Tensor<4>) -> (Option<Tensor<4>>, Option<Tensor<4>>) {
         if self.is_multiscale() {
             (
@@ -154,10 +159,10 @@ impl EmbedNet {
             x
         } else {
             let mut h = relu6(b.bn0.forward(b.conv_stem.forward(x)));
-            for blk in b.blocks.iter().take(level.min(16)) {
+            for blk in b.blocks.iter().take(level) {
                 h = blk.forward(h);
             }
-            if level >= POOLED_LEVEL {
+            if level >= self.pooled_level() {
                 let p = pool(relu6(b.bn1.forward(b.conv_head.forward(h))));
                 let [n, c] = p.dims();
                 p.reshape([n, c, 1, 1])
@@ -175,7 +180,7 @@ impl EmbedNet {
     /// From the backbone's output at `level` to the embedding.
     pub fn suffix(&self, input: LevelInput, level: usize) -> Tensor<2> {
         let b = &self.backbone;
-        let pooled = if level >= POOLED_LEVEL {
+        let pooled = if level >= self.pooled_level() {
             let [n, c, _, _] = input.trunk.dims();
             input.trunk.reshape([n, c])
         } else {

@@ -3,7 +3,7 @@
 
 use crate::model::device::device;
 use crate::model::identity::RunIdentity;
-use crate::model::lite0::Lite0;
+use crate::model::lite::Lite;
 use crate::model::net::EmbedNet;
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
@@ -28,7 +28,13 @@ pub fn load_run(run: &Path) -> Result<(RunIdentity, EmbedNet)> {
         );
     }
     let dev = device();
-    let net = EmbedNet::new(Lite0::new(&dev), cfg.arch, cfg.dim, cfg.normalize, &dev);
+    let net = EmbedNet::new(
+        Lite::new(cfg.backbone, &dev),
+        cfg.arch,
+        cfg.dim,
+        cfg.normalize,
+        &dev,
+    );
     let net = net
         .try_load_file(&model_path)
         .map_err(|e| anyhow!("cannot load {}: {e:?}", model_path.display()))?;

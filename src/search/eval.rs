@@ -6,7 +6,7 @@ use crate::data::dataset::Dataset;
 use crate::data::skipped::Skipped;
 use crate::infer::embedder::Embedder;
 use crate::infer::stream::embed_stream;
-use crate::model::lite0::NUM_CLASSES;
+use crate::model::lite::NUM_CLASSES;
 use crate::progress::progress;
 use crate::search::ann::db::{self as ann_db, DbIndex, Plan, Request};
 use crate::search::index::{Hit, search};

@@ -303,7 +303,7 @@ fn cache_key(
 ) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    let wpath = weights::resolve(cfg.weights.as_deref())?;
+    let wpath = weights::resolve(cfg.weights.as_deref(), cfg.backbone)?;
     h.update(weights::sha256_file(&wpath)?.as_bytes());
     h.update(
         format!(

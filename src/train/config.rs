@@ -5,7 +5,8 @@
 
 use crate::data::transform::check_size;
 use crate::model::identity::RunIdentity;
-use crate::model::net::{Arch, EmbedNet, POOLED_LEVEL};
+use crate::model::lite::Backbone;
+use crate::model::net::{Arch, EmbedNet};
 use crate::model::run::CONFIG;
 use crate::model::weights;
 use crate::train::plan::Sampling;
@@ -43,6 +44,9 @@ pub enum Recipe {
 /// Everything that defines a run (saved in `config.json` and in every checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
+    /// The pretrained network under the head (runs from before there was a choice: Lite0).
+    #[serde(default)]
+    pub backbone: Backbone,
     pub data: PathBuf,
     pub val: Option<PathBuf>,
     pub arch: Arch,
@@ -66,8 +70,8 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub steps_per_epoch: Option<usize>,
     pub size: u32,
-    /// Frozen levels: 0 = nothing frozen, 1–16 = stem + that many MBConv blocks, 17 = the whole
-    /// backbone (only the head trains).
+    /// Frozen levels: 0 = nothing frozen, 1–B = stem + that many MBConv blocks, B + 1 = the whole
+    /// backbone (only the head trains); B = 16 for Lite0, 21 for Lite1/Lite2.
     pub freeze_blocks: usize,
     pub bn: BnMode,
     /// Compute the frozen part once per image view and train from the cache.
@@ -83,10 +87,17 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The preset of a recipe for a dataset.
+    /// The preset of a recipe for a dataset, on Lite0.
     pub fn recipe(recipe: Recipe, data: PathBuf) -> Self {
+        Self::recipe_for(recipe, data, Backbone::Lite0)
+    }
+
+    /// The preset of a recipe for a dataset on `backbone` (the default recipe freezes the whole
+    /// backbone, whatever its depth).
+    pub fn recipe_for(recipe: Recipe, data: PathBuf, backbone: Backbone) -> Self {
         match recipe {
             Recipe::Default => TrainConfig {
+                backbone,
                 data,
                 val: None,
                 arch: Arch::Lite0,
@@ -106,7 +117,7 @@ impl TrainConfig {
                 epochs: 15,
                 steps_per_epoch: None,
                 size: 224,
-                freeze_blocks: POOLED_LEVEL,
+                freeze_blocks: backbone.pooled_level(),
                 bn: BnMode::Frozen,
                 cache: true,
                 views: 1,
@@ -117,6 +128,7 @@ impl TrainConfig {
                 weights: None,
             },
             Recipe::Seed => TrainConfig {
+                backbone,
                 data,
                 val: None,
                 arch: Arch::Lite0,
@@ -170,8 +182,13 @@ impl TrainConfig {
             bail!("--dim must be at least 1");
         }
         check_size(self.size)?;
-        if self.freeze_blocks > POOLED_LEVEL {
-            bail!("--freeze-blocks is 0–16 blocks, or 17 for the whole backbone");
+        if self.freeze_blocks > self.pooled_level() {
+            bail!(
+                "--freeze-blocks is 0–{} blocks of {}, or {} for the whole backbone",
+                self.backbone.blocks(),
+                self.backbone.title(),
+                self.pooled_level()
+            );
         }
         if !(self.lr > 0.0 && self.backbone_lr >= 0.0) {
             bail!("learning rates must be positive");
@@ -225,11 +242,17 @@ impl TrainConfig {
         self.freeze_blocks
     }
 
+    /// The level of the backbone's pooled features (everything frozen).
+    pub fn pooled_level(&self) -> usize {
+        self.backbone.pooled_level()
+    }
+
     /// What inference needs of the run (read back from `config.json` by [`load_run`]).
     ///
     /// [`load_run`]: crate::model::run::load_run
     pub fn identity(&self) -> RunIdentity {
         RunIdentity {
+            backbone: self.backbone,
             arch: self.arch,
             dim: self.dim,
             normalize: self.normalize,
@@ -240,8 +263,8 @@ impl TrainConfig {
 
 /// Builds the network of a config on `device`, with the ImageNet backbone.
 pub fn build_net(cfg: &TrainConfig, device: &Device) -> Result<EmbedNet> {
-    let wpath = weights::resolve(cfg.weights.as_deref())?;
-    let backbone = weights::load_lite0(&wpath, device)?;
+    let wpath = weights::resolve(cfg.weights.as_deref(), cfg.backbone)?;
+    let backbone = weights::load(&wpath, cfg.backbone, device)?;
     device.seed(cfg.seed);
     Ok(EmbedNet::new(
         backbone,

@@ -1,19 +1,18 @@
 //! Refusing what cannot fit before it starts: the activation memory of a training step and the
 //! feature cache against `/proc/meminfo`'s MemAvailable.
 
-use crate::model::lite0::STAGES;
-use crate::model::net::POOLED_LEVEL;
+use crate::model::lite::{Backbone, FEATURE_DIM, STEM};
 use crate::train::config::TrainConfig;
 use anyhow::{Result, bail};
 
 /// Rough activation memory (bytes) of one image through the trainable part, with the tensors
 /// autodiff keeps for the backward pass.
-pub fn activation_bytes(size: u32, level: usize) -> usize {
+pub fn activation_bytes(backbone: Backbone, size: u32, level: usize) -> usize {
     let mut hw = (size as usize / 2).pow(2);
-    let mut total = if level == 0 { 3 * 32 * hw } else { 0 };
-    let mut cin = 32;
+    let mut total = if level == 0 { 3 * STEM * hw } else { 0 };
+    let mut cin = STEM;
     let mut b = 0;
-    for (t, c, n, s, _) in STAGES {
+    for (t, c, n, s, _) in backbone.stages() {
         for i in 0..n {
             b += 1;
             let mid = cin * t;
@@ -27,8 +26,8 @@ pub fn activation_bytes(size: u32, level: usize) -> usize {
             cin = c;
         }
     }
-    if level < POOLED_LEVEL {
-        total += 3 * 1280 * hw;
+    if level < backbone.pooled_level() {
+        total += 3 * FEATURE_DIM * hw;
     }
     total * 4 * 2
 }
@@ -53,7 +52,7 @@ pub fn check_step(cfg: &TrainConfig) -> Result<usize> {
         3 * cfg.batch
     };
     let avail = mem_available().unwrap_or(usize::MAX);
-    let need_batch = activation_bytes(cfg.size, cfg.level()) * images_per_step;
+    let need_batch = activation_bytes(cfg.backbone, cfg.size, cfg.level()) * images_per_step;
     if need_batch > avail / 10 * 8 {
         bail!(
             "a step of {images_per_step} images at {} px needs about {:.1} GiB of activations but {:.1} GiB are available: \

@@ -17,7 +17,7 @@ pub mod validate;
 use crate::data::dataset::{Dataset, Split};
 use crate::data::sampler::{self, Triplet};
 use crate::model::device::device;
-use crate::model::net::{EmbedNet, POOLED_LEVEL};
+use crate::model::net::EmbedNet;
 use crate::model::run::{CONFIG, save_model};
 use crate::progress::progress;
 use crate::train::cache::FeatureCache;
@@ -131,7 +131,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let (mut model, mut optim, mut state) = start(&cfg, model, resumed)?;
     state.skipped_images = skipped.clone();
     model = apply_freeze(model, &cfg)?;
-    if cfg.level() < POOLED_LEVEL {
+    if cfg.level() < cfg.pooled_level() {
         eprintln!(
             "trainable backbone: {}",
             match (fast_backbone(), cfg.cache) {

