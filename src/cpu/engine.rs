@@ -10,7 +10,7 @@
 
 use crate::cpu::depthwise::{DwArgs, depthwise};
 use crate::cpu::fold::fold;
-use crate::cpu::gemm::matmul_acc;
+use crate::cpu::pointwise::{Epilogue, Pointwise};
 use crate::model::device::on_cpu;
 use crate::model::lite::{FEATURE_DIM, Lite};
 use anyhow::{Result, bail};
@@ -19,48 +19,13 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// 1×1 convolution: `[cout][cin]` weights.
-struct Pointwise {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    cin: usize,
-    cout: usize,
-}
-
-impl Pointwise {
-    fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
-        let (w, b, d) = fold(conv, bn)?;
-        if d[2] != 1 || d[3] != 1 {
-            bail!("expected a 1×1 convolution, got {d:?}");
-        }
-        Ok(Self {
-            w,
-            b,
-            cin: d[1],
-            cout: d[0],
-        })
+/// A 1×1 convolution with its BatchNorm folded in.
+fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
+    let (w, b, d) = fold(conv, bn)?;
+    if d[2] != 1 || d[3] != 1 {
+        bail!("expected a 1×1 convolution, got {d:?}");
     }
-
-    /// `out[p] = W·x[p] + b (+ out[p] when `accumulate`)` for `pixels` rows of `cin` channels.
-    fn run(&self, x: &[f32], pixels: usize, out: &mut [f32], accumulate: bool) {
-        let out = &mut out[..pixels * self.cout];
-        if accumulate {
-            for row in out.chunks_exact_mut(self.cout) {
-                row.iter_mut().zip(&self.b).for_each(|(o, b)| *o += b);
-            }
-        } else {
-            for row in out.chunks_exact_mut(self.cout) {
-                row.copy_from_slice(&self.b);
-            }
-        }
-        matmul_acc(x, pixels, self.cin, &self.w, self.cout, out);
-    }
-}
-
-fn relu6(v: &mut [f32]) {
-    for x in v {
-        *x = x.clamp(0.0, 6.0);
-    }
+    Ok(Pointwise::new(w, b, d[1], d[0]))
 }
 
 /// Depthwise k×k convolution, weights stored tap-major `[k·k][c]`.
@@ -147,11 +112,9 @@ pub fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
     }
 }
 
-/// The stem: 3×3 stride-2 convolution 3 → 32 as an im2col matrix product.
+/// The stem: 3×3 stride-2 convolution 3 → 32 as an im2col matrix product (27 inputs per pixel).
 struct Stem {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    cout: usize,
+    conv: Pointwise,
 }
 
 /// Per-thread buffers, kept between images and batches.
@@ -197,22 +160,24 @@ impl Engine {
         if d[1] != 3 || d[2] != 3 || d[3] != 3 {
             bail!("unexpected stem shape {d:?}");
         }
-        let stem = Stem { w, b, cout: d[0] };
+        let stem = Stem {
+            conv: Pointwise::new(w, b, 27, d[0]),
+        };
         let mut blocks = Vec::new();
         for blk in &m.blocks {
             let expand = match (&blk.expand_conv, &blk.bn0) {
-                (Some(c), Some(n)) => Some(Pointwise::new(c, n)?),
+                (Some(c), Some(n)) => Some(pointwise(c, n)?),
                 _ => None,
             };
             let stride = blk.depthwise_conv.stride[0];
             blocks.push(Block {
                 expand,
                 dw: Depthwise::new(&blk.depthwise_conv, &blk.bn1, stride)?,
-                project: Pointwise::new(&blk.project_conv, &blk.bn2)?,
+                project: pointwise(&blk.project_conv, &blk.bn2)?,
                 residual: blk.residual,
             });
         }
-        let head = Pointwise::new(&m.conv_head, &m.bn1)?;
+        let head = pointwise(&m.conv_head, &m.bn1)?;
         if head.cout != FEATURE_DIM {
             bail!("unexpected head width {}", head.cout);
         }
@@ -225,7 +190,7 @@ impl Engine {
             Output::Pooled => [FEATURE_DIM, 1, 1],
             Output::Blocks(n) | Output::BlocksNhwc(n) => {
                 let mut s = side / 2;
-                let mut c = self.stem.cout;
+                let mut c = self.stem.conv.cout;
                 for b in self.blocks.iter().take(n) {
                     s = b.dw.out_side(s);
                     c = b.project.cout;
@@ -262,7 +227,7 @@ impl Engine {
     /// at its resolution.
     fn scratch_len(&self, side: usize) -> usize {
         let mut res = side / 2;
-        let mut need = res * res * self.stem.cout;
+        let mut need = res * res * self.stem.conv.cout;
         for b in &self.blocks {
             need = need.max(res * res * b.dw.c);
             res = b.dw.out_side(res);
@@ -282,16 +247,11 @@ impl Engine {
         {
             let col = &mut s.c[..ho * ho * 27];
             stem_im2col(x, side, col);
-            let dst = &mut s.a[..ho * ho * self.stem.cout];
-            for row in dst.chunks_exact_mut(self.stem.cout) {
-                row.copy_from_slice(&self.stem.b);
-            }
-            matmul_acc(col, ho * ho, 27, &self.stem.w, self.stem.cout, dst);
-            relu6(dst);
+            self.stem.conv.run(col, ho * ho, &mut s.a, Epilogue::Relu6);
         }
 
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
-        let (mut h, mut c) = (ho, self.stem.cout);
+        let (mut h, mut c) = (ho, self.stem.conv.cout);
         let nblocks = match output {
             Output::Pooled => self.blocks.len(),
             Output::Blocks(n) | Output::BlocksNhwc(n) => n.min(self.blocks.len()),
@@ -300,8 +260,7 @@ impl Engine {
             let px = h * h;
             let mid_src: &[f32] = match &blk.expand {
                 Some(e) => {
-                    e.run(&s.a[..px * c], px, &mut s.b, false);
-                    relu6(&mut s.b[..px * e.cout]);
+                    e.run(&s.a[..px * c], px, &mut s.b, Epilogue::Relu6);
                     &s.b[..px * e.cout]
                 }
                 None => &s.a[..px * c],
@@ -310,10 +269,11 @@ impl Engine {
             blk.dw.run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c]);
             let opx = ho * ho;
             if blk.residual {
-                blk.project.run(&s.c[..opx * blk.dw.c], opx, &mut s.a, true);
+                blk.project
+                    .run(&s.c[..opx * blk.dw.c], opx, &mut s.a, Epilogue::Accumulate);
             } else {
                 blk.project
-                    .run(&s.c[..opx * blk.dw.c], opx, &mut s.b, false);
+                    .run(&s.c[..opx * blk.dw.c], opx, &mut s.b, Epilogue::Plain);
                 std::mem::swap(&mut s.a, &mut s.b);
             }
             h = ho;
@@ -333,9 +293,8 @@ impl Engine {
             }
             Output::Pooled => {
                 let px = h * h;
-                self.head.run(&s.a[..px * c], px, &mut s.b, false);
-                let f = &mut s.b[..px * self.head.cout];
-                relu6(f);
+                self.head.run(&s.a[..px * c], px, &mut s.b, Epilogue::Relu6);
+                let f = &s.b[..px * self.head.cout];
                 out.fill(0.0);
                 for row in f.chunks_exact(self.head.cout) {
                     out.iter_mut().zip(row).for_each(|(o, v)| *o += v);

@@ -1,5 +1,5 @@
 //! Every hand-written CPU kernel: BatchNorm folding, the `gemm` wrappers, one AVX-512/AVX2/baseline
-//! dispatch, the squared-L2 kernels ([`l2`]), depthwise convolution forward and backward, BatchNorm/ReLU6 row passes, the inference
+//! dispatch, the packed 1×1-convolution kernel of inference ([`pointwise`]), the squared-L2 kernels ([`l2`]), depthwise convolution forward and backward, BatchNorm/ReLU6 row passes, the inference
 //! [`engine`] and the trainable backbone's forward and backward [`pass`]. Uses [`crate::model`]
 //! (reads the backbone's weights) and nothing above it.
 
@@ -10,4 +10,5 @@ pub mod gemm;
 pub mod l2;
 pub mod norm;
 pub mod pass;
+pub mod pointwise;
 pub mod simd;
