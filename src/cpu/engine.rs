@@ -1,7 +1,7 @@
 //! deeprank's own CPU inference engine for the EfficientNet-Lite networks (any block config): BatchNorm folded into every
-//! convolution, channels-last (NHWC) activations, 1×1 convolutions as matrix products (the `gemm`
-//! crate, runtime AVX-512/AVX2 dispatch), depthwise convolutions as a hand-written channel-vector
-//! loop with bias and ReLU6 fused in, one image per thread with that thread's scratch buffers reused
+//! convolution, channels-last (NHWC) activations, 1×1 convolutions through [`crate::cpu::pointwise`]
+//! (weights packed once, an AVX-512 kernel with bias, residual and ReLU6 fused), depthwise
+//! convolutions as hand-written channel-vector kernels with bias and ReLU6 fused in, one image per thread with that thread's scratch buffers reused
 //! across images and batches.
 //!
 //! Why: burn's flex backend runs the same network NCHW with a separate pass per operation; its
