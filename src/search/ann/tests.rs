@@ -231,6 +231,27 @@ fn corrupt_files_are_errors_not_panics() {
     std::fs::write(&p, &b).unwrap();
     let e = Hnsw::open(&p).err().expect("bad neighbour id");
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    // An upper-level list naming a node that does not reach that level (its own list there would
+    // be read out of range during search).
+    let mut b = good.clone();
+    let r8 = |x: usize| x.div_ceil(8) * 8;
+    let (m, lv) = (8usize, &good[HEADER..HEADER + n]);
+    let i = lv
+        .iter()
+        .position(|&l| l >= 1)
+        .expect("a node above level 0");
+    let j = lv.iter().position(|&l| l == 0).expect("a node at level 0");
+    let o_up = HEADER + r8(n);
+    let o_u = o_l0 + r8(4 * n * (1 + 2 * m));
+    let off = u32::from_le_bytes(good[o_up + 4 * i..o_up + 4 * i + 4].try_into().unwrap());
+    let slot = o_u + 4 * off as usize;
+    b[slot..slot + 4].copy_from_slice(&1u32.to_le_bytes());
+    b[slot + 4..slot + 8].copy_from_slice(&(j as u32).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = Hnsw::open(&p)
+        .err()
+        .expect("an upper neighbour below its level");
+    assert!(e.to_string().contains("below its level"), "{e}");
     // Many single-byte flips all over the file.
     let mut s = 12345u64;
     for _ in 0..300 {
