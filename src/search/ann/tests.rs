@@ -297,3 +297,103 @@ fn calibration_is_saved_and_picks_the_smallest_ef() {
     std::fs::write(&p, &b).unwrap();
     assert_eq!(Hnsw::open(&p).unwrap().calibration, h.calibration);
 }
+
+fn params(seed: u64) -> Params {
+    Params {
+        m: 8,
+        ef_construction: 100,
+        seed,
+    }
+}
+
+/// An update written as a delta over the saved graph: the graph file plus the delta search exactly
+/// like the extended graph in memory, two updates in a row (the second delta carries the first's
+/// lists, written against the same graph file); the combined graph saved whole searches the same;
+/// a damaged delta, or one over another graph file, is an error, never a panic.
+#[test]
+fn delta_over_a_saved_graph_equals_the_extended_graph() {
+    let v = data(3000, DIM, 1);
+    let q = data(40, DIM, 2);
+    let h = one(|| Hnsw::build(&v, DIM, &params(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("ann.hnsw");
+    let save = |p: &std::path::Path, f: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
+        let mut b = vec![];
+        f(&mut b).unwrap();
+        std::fs::write(p, &b).unwrap();
+        b
+    };
+    save(&base, &|b| h.save(b));
+    let mut all = v.clone();
+    let mut prev: Option<std::path::PathBuf> = None;
+    for round in 0..2u64 {
+        let mut o = Hnsw::open(&base).unwrap();
+        if let Some(d) = &prev {
+            o = o.open_delta(d).unwrap();
+        }
+        all.extend(data(50, DIM, 5 + round));
+        one(|| o.extend(&all));
+        let touched = o.take_touched();
+        let p = o.delta_nodes(&touched).unwrap();
+        assert!(
+            !p.is_empty() && p.len() < 1500,
+            "{} base lists changed",
+            p.len()
+        );
+        let dp = dir.path().join(format!("ann-{round}.hnsd"));
+        save(&dp, &|b| o.save_delta(&p, b));
+        let r = Hnsw::open(&base).unwrap().open_delta(&dp).unwrap();
+        assert_eq!((r.len(), r.base_len()), (3050 + 50 * round as usize, 3000));
+        for qq in q.chunks_exact(DIM) {
+            assert_eq!(
+                o.search(&all, qq, 10, 40, None),
+                r.search(&all, qq, 10, 40, None)
+            );
+            assert_eq!(
+                ids(&r.search(&all, qq, 10, 400, None)),
+                brute(&all, DIM, qq, 10, |_| true)
+            );
+        }
+        prev = Some(dp);
+    }
+    let prev = prev.unwrap();
+    let r = Hnsw::open(&base).unwrap().open_delta(&prev).unwrap();
+    let whole = dir.path().join("whole.hnsw");
+    save(&whole, &|b| r.save(b));
+    let w = Hnsw::open(&whole).unwrap();
+    for qq in q.chunks_exact(DIM) {
+        assert_eq!(
+            w.search(&all, qq, 10, 40, None),
+            r.search(&all, qq, 10, 40, None)
+        );
+    }
+    // A delta over another graph file.
+    let other = dir.path().join("other.hnsw");
+    let h2 = one(|| Hnsw::build(&v, DIM, &params(4)));
+    save(&other, &|b| h2.save(b));
+    let e = Hnsw::open(&other).unwrap().open_delta(&prev).err().unwrap();
+    assert!(e.to_string().contains("another index file"), "{e}");
+    // Damaged deltas.
+    let good = std::fs::read(&prev).unwrap();
+    let bad = dir.path().join("bad.hnsd");
+    let try_open = |b: &[u8]| {
+        std::fs::write(&bad, b).unwrap();
+        Hnsw::open(&base).unwrap().open_delta(&bad)
+    };
+    assert!(try_open(&good[..good.len() - 8]).is_err(), "truncated");
+    let mut b = good.clone();
+    b[40] ^= 1; // the patched count, under the header checksum
+    assert!(try_open(&b).is_err(), "header bit flip");
+    let mut s = 777u64;
+    for _ in 0..300 {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut b = good.clone();
+        let at = (s >> 33) as usize % b.len();
+        b[at] ^= 1 << ((s >> 20) % 8);
+        if let Ok(o) = try_open(&b) {
+            let _ = o.search(&all, &q[..DIM], 10, 64, None);
+        }
+    }
+}
