@@ -196,9 +196,14 @@ fn sigkill_at_random_moments_of_a_chunked_add_leaves_a_committed_prefix() {
     let base = tmp.path().join("ref");
     let (db, args) = setup(&base);
     let old = content(&db, &base);
-    let t0 = Instant::now();
-    finish_ok(&args);
-    let full = t0.elapsed();
+    // The moments are drawn over the commit phase, from the first commit seen to the exit: model
+    // loading dominates a run, and timing the kill from the start put every kill before the first
+    // commit or after the last one once embedding got fast.
+    let mut child = deeprank(&args, None);
+    let t1 = first_commit(&db, &mut child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the reference add failed");
+    let phase = t1.elapsed();
     let new = content(&db, &base);
     assert_eq!(new.len(), old.len() + 16);
     let mut seed = 12345u64;
@@ -211,8 +216,8 @@ fn sigkill_at_random_moments_of_a_chunked_add_leaves_a_committed_prefix() {
         let case = tmp.path().join(format!("kill-{i}"));
         let (db, args) = setup(&case);
         let mut child = deeprank(&args, None);
-        // Model loading takes the first part of a run: kill mostly after it.
-        std::thread::sleep(full.mul_f64(0.2 + frac * 0.9));
+        first_commit(&db, &mut child);
+        std::thread::sleep(phase.mul_f64(frac * 1.1));
         let _ = child.kill(); // SIGKILL
         child.wait().unwrap();
         consistent(&db);
@@ -238,6 +243,24 @@ fn sigkill_at_random_moments_of_a_chunked_add_leaves_a_committed_prefix() {
         outcomes.len() >= 3,
         "kills landed at too few moments: {outcomes:?}"
     );
+}
+
+/// Waits until `child` replaces the DB's `state.json` (its first commit) and returns that moment;
+/// panics if the child exits first.
+fn first_commit(db: &Path, child: &mut std::process::Child) -> Instant {
+    use std::os::unix::fs::MetadataExt;
+    let state = db.join("state.json");
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let before = ino(&state);
+    loop {
+        if ino(&state) != before {
+            return Instant::now();
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("the add exited ({s}) before its first commit was seen");
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
 }
 
 /// Every search through the DB's index (when it has one) equals the exact scan, each live row as a
