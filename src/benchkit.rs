@@ -495,7 +495,8 @@ pub fn local_insert(dir: &Path, dim: usize, n: usize) -> Result<f64> {
 }
 
 /// Per-query seconds (in query order) and each query's result ids, for `nq` single queries of a
-/// store of the first `n` synthetic rows (`mode`), or of a DB folder (`local`: exact scan).
+/// store of the first `n` synthetic rows (`mode`), or of a DB folder (`local`: the exact scan, or
+/// its ANN index at the `ef` of an HNSW mode; `deeprank index` must have built it).
 pub fn time_queries(
     url: Option<&str>,
     local: Option<&Path>,
@@ -511,6 +512,19 @@ pub fn time_queries(
     let mut ids = Vec::with_capacity(nq);
     let mut store = url.map(|u| PgStore::open(u, None)).transpose()?;
     let db = local.map(crate::store::db::Db::open).transpose()?;
+    let local_ef = match mode {
+        crate::store::pg::Mode::Hnsw { ef, .. } => Some(ef as usize),
+        _ => None,
+    };
+    let index = match (&db, local_ef) {
+        (Some(d), Some(_)) => Some(crate::search::ann::db::open(d)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no ANN index; run `deeprank index --db` first",
+                d.dir.display()
+            )
+        })?),
+        _ => None,
+    };
     // A sharded store's ef_search is the shards' (set through the foreign servers' options).
     if let (Some(s), crate::store::pg::Mode::Hnsw { ef, iterative }) = (&mut store, mode)
         && s.is_sharded()
@@ -525,11 +539,25 @@ pub fn time_queries(
                 .into_iter()
                 .map(|h| h.path.display().to_string())
                 .collect(),
-            (None, Some(db)) => search(db.vectors.data(), dim, &q, k, &|_, _| false)
-                .remove(0)
-                .into_iter()
-                .map(|h| db.entries[h.index].path.display().to_string())
-                .collect(),
+            (None, Some(db)) => {
+                let hits = match (&index, local_ef) {
+                    (Some(ix), Some(ef)) => {
+                        use crate::search::ann::db::{Mode, Request};
+                        let req = Request {
+                            mode: Mode::Ef(ef),
+                            ..Request::default()
+                        };
+                        crate::search::ann::db::search(db, Some(ix), &q, k, &req).0
+                    }
+                    _ => search(db.vectors.data(), dim, &q, k, &|_, _| false),
+                };
+                hits.into_iter()
+                    .next()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|h| db.entries[h.index].path.display().to_string())
+                    .collect()
+            }
             _ => anyhow::bail!("a store URL or a DB folder is needed"),
         };
         secs.push(t0.elapsed().as_secs_f64());

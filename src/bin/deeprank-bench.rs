@@ -145,7 +145,8 @@ enum Cmd {
         batch: usize,
     },
     /// Times single queries of what pg-insert wrote: exact, then HNSW at each --ef (recall@k
-    /// against exact), or an exact scan of a DB folder (--local). p50/p99 latency and queries/s.
+    /// against exact), or a DB folder (--local: the exact scan, then its ANN index at each --ef).
+    /// p50/p99 latency and queries/s.
     PgQuery {
         #[arg(long, conflicts_with = "local")]
         url: Option<String>,
@@ -159,7 +160,8 @@ enum Cmd {
         queries: usize,
         #[arg(long, default_value_t = 10)]
         k: usize,
-        /// ef_search values to time with pgvector's HNSW index (it must exist: `deeprank index`).
+        /// ef_search values to time with pgvector's HNSW index, or ef of a DB folder's ANN index
+        /// (it must exist: `deeprank index`).
         #[arg(long, value_delimiter = ',')]
         ef: Vec<u32>,
         /// Also print EXPLAIN (ANALYZE, VERBOSE) of the first query of each mode.
@@ -391,8 +393,15 @@ fn run(cli: Cli) -> Result<()> {
                     iterative: Iterative::Relaxed,
                 };
                 show(mode)?;
-                let (secs, got) =
-                    benchkit::time_queries(url.as_deref(), None, n, dim, queries, k, mode)?;
+                let (secs, got) = benchkit::time_queries(
+                    url.as_deref(),
+                    local.as_deref(),
+                    n,
+                    dim,
+                    queries,
+                    k,
+                    mode,
+                )?;
                 let hit: usize = exact
                     .iter()
                     .zip(&got)
