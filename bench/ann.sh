@@ -20,7 +20,9 @@
 # The real set is made only when MAKE_REAL=1 (the embed of 242k images takes 45-80 min on 2 cores).
 #
 # deeprank's side: `deeprank-bench ann` (src/search/ann, the shipped code; built here, or an existing
-# binary given as DEEPRANK_BENCH=path), or PROTO=path/to/annbench/bench (the prototype of
+# binary given as DEEPRANK_BENCH=path): built once (--save, 1,000 rows held out as queries, 50 rows
+# added by `extend` after the build), then each round loads the saved graph (--load) and runs the
+# ladder REPEAT times, like the anchors; or PROTO=path/to/annbench/bench (the prototype of
 # docs/groundwork/ann, in git history at commit 309620f). The anchors come from
 # bench/setup.sh (PYTHON, default bench/.venv/bin/python). FAISS runs with OMP_NUM_THREADS=2 and
 # OMP_WAIT_POLICY=PASSIVE (on a shared 2-core box its spinning OpenMP threads otherwise lose badly).
@@ -32,7 +34,7 @@ DATA=${DATA:-bench/out/ann}
 IDX=${IDX:-$DATA/idx}
 OUT=${OUT:-bench/out}
 ROUNDS=${ROUNDS:-3}
-EFS=${EFS:-16,24,32,48,64,128}
+EFS=${EFS:-16,24,32,36,40,48,64,128}
 ANCHORS=${ANCHORS:-faiss hnswlib usearch}
 export THREADS=2 OMP_NUM_THREADS=2 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} RAYON_NUM_THREADS=2
 export REPEAT=${REPEAT:-3} EFS
@@ -63,16 +65,19 @@ if [ $# -gt 0 ]; then SETS=("$@"); else
   SETS=("$DATA/synth1m_128.npy"); [ -f "$DATA/real64.npy" ] && SETS+=("$DATA/real64.npy")
 fi
 
-# deeprank's HNSW: build (BUILD=1) or search the saved graph. The shipped bench builds and searches
-# in one process, so each of its rounds is a fresh build (its build line is kept every round).
+# deeprank's HNSW: build and save the graph, or search the saved one.
 own() { # own SET DIR build|search
   local set=$1 dir=$2
   if [ -n "${PROTO:-}" ]; then
     if [ "$3" = build ]; then BUILD_ONLY=1 SAVE=$dir/own.hnsw run "$PROTO" "$set" own
     else LOAD=$dir/own.hnsw run "$PROTO" "$set" own "$EFS"; fi
-  elif [ "$3" = search ]; then
-    run "$DEEPRANK_BENCH" ann --db-npy "$set" --nq 1000 --m 16 --ef-construction 200 \
-      --ef "$EFS" --k 10 --threads 2 --add 50 --save "$dir/deeprank.hnsw"
+  elif [ "$3" = build ]; then
+    /usr/bin/time -f "# deeprank build process: peak RSS %M KB" \
+      "$DEEPRANK_BENCH" ann --db-npy "$set" --nq 1000 --m 16 --ef-construction 200 \
+      --ef 64 --k 10 --threads 2 --add 50 --save "$dir/deeprank.hnsw" 2>&1 | tee -a "$LOG"
+  else
+    run "$DEEPRANK_BENCH" ann --db-npy "$set" --nq 1000 --k 10 --threads 2 \
+      --ef "$EFS" --repeat "$REPEAT" --load "$dir/deeprank.hnsw"
   fi
 }
 

@@ -37,14 +37,18 @@ def main():
                 s = d.get("set", cur_set)
                 if "deeprank_ann_build" in line:
                     builds[(s, "deeprank-hnsw-shipped")].append({
-                        "build_s": float(d["build_seconds"]), "index_mb": int(d["index_bytes"]) / 1048576,
+                        "build_s": float(d["build_seconds"]), "cpu": d.get("cpu"), "index_mb": int(d["index_bytes"]) / 1048576,
                         "load": cur_load, "add": f"{d['add_rows']} rows in {float(d['add_seconds']) * 1e3:.0f} ms"})
                 elif "deeprank_ann_exact" in line:
-                    ladder[(s, "exact-deeprank-shipped", "-")].append((1.0, float(d["qps"]), None, cur_load))
+                    cpu = float(d["cpu"]) if "cpu" in d else None
+                    ladder[(s, "exact-deeprank-shipped", "-")].append((1.0, float(d["qps"]), cpu, cur_load))
                 elif "deeprank_ann_search" in line:
+                    cpu = float(d["cpu"]) if "cpu" in d else None
                     ladder[(s, "deeprank-hnsw-shipped", int(d["ef"]))].append(
-                        (float(d["recall"]), float(d["qps"]), None, cur_load))
-                    builds[(s, "deeprank-hnsw-shipped")][-1]["peak_rss_mb"] = int(d["peak_rss_bytes"]) / 1048576
+                        (float(d["recall"]), float(d["qps"]), cpu, cur_load))
+                    b = builds.get((s, "deeprank-hnsw-shipped"))
+                    if b and "peak_rss_mb" not in b[-1]:  # the build run's own search lines
+                        b[-1]["peak_rss_mb"] = int(d["peak_rss_bytes"]) / 1048576
             elif line.startswith("RESULT set="):
                 d = kv(line)
                 ef = int(d["ef"]) if d["ef"] != "-" else "-"

@@ -12,6 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod pg;
+pub use pg::{explain_query, local_insert, pg_insert, quantile, time_queries};
+
 /// Writes `rows × dim` uniform(−1, 1) f32 vectors to `path` unless it already exists.
 pub fn random_npy(path: &Path, rows: usize, dim: usize, seed: u64) -> Result<()> {
     if path.is_file() {
@@ -249,14 +252,19 @@ pub struct AnnBench {
     pub dim: usize,
     pub queries: usize,
     pub build_seconds: f64,
+    /// Cores the build kept busy.
+    pub build_cpu: f64,
     /// Rows inserted after the build by `Hnsw::extend` (0: none), and its seconds.
     pub added: usize,
     pub add_seconds: f64,
     pub index_bytes: u64,
     /// The exact scan's seconds for all queries (the ground truth's cost).
     pub exact_seconds: f64,
-    /// Per `ef`: recall@k against the exact scan, and the seconds for all queries in one call.
-    pub runs: Vec<(usize, f64, f64)>,
+    /// Per call (`repeat` per `ef`): ef, recall@k against the exact scan, the seconds for all
+    /// queries in one call, and the cores it kept busy (CPU seconds of the process ÷ wall seconds).
+    pub runs: Vec<(usize, f64, f64, f64)>,
+    /// Cores the exact scan kept busy.
+    pub exact_cpu: f64,
     /// Peak resident memory of the process, bytes (Linux; 0 elsewhere).
     pub peak_rss: u64,
 }
@@ -273,23 +281,54 @@ pub fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// User + system CPU seconds of this process, all threads (0 when unknown).
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// `f()`'s result, its wall seconds and the cores it kept busy (CPU seconds ÷ wall seconds).
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let (c0, t0) = (cpu_seconds(), Instant::now());
+    let r = f();
+    let s = t0.elapsed().as_secs_f64();
+    (r, s, (cpu_seconds() - c0) / s.max(1e-9))
+}
+
+/// What `time_ann` does besides searching: build (and save) or open a saved graph, and how often.
+pub struct AnnRun<'a> {
+    pub params: crate::search::ann::Params,
+    /// Rows inserted after the build by `extend` (0: none; not with `load`).
+    pub add: usize,
+    /// Where the built graph is written.
+    pub save: &'a Path,
+    /// A graph saved by an earlier run over the same rows: searched, not built.
+    pub load: Option<&'a Path>,
+    /// Calls per `ef`.
+    pub repeat: usize,
+}
+
 /// Times deeprank's HNSW index (`search::ann`, the code `deeprank index` ships) on `db` (an
 /// `[n, dim]` f32 `.npy`) with `queries` (another, or `None`: the last `tail` rows of `db` are the
-/// queries and are left out of the index): build with `params` on a pool of `threads` threads
-/// (the last `add` rows inserted afterwards by `extend`, timed apart), save to `save` and search
-/// the memory-mapped file, all queries in one call per `ef`, recall@`k` against the exact scan.
-#[allow(clippy::too_many_arguments)]
+/// queries and are left out of the index): build with `run.params` on a pool of `threads` threads
+/// (the last `run.add` rows inserted afterwards by `extend`, timed apart) and save to `run.save`,
+/// or open `run.load`; then search the memory-mapped file, all queries in one call, `run.repeat`
+/// calls per `ef`, recall@`k` against the exact scan.
 pub fn time_ann(
     db: &Path,
     queries: Option<&Path>,
     tail: usize,
-    params: &crate::search::ann::Params,
     efs: &[usize],
     k: usize,
     threads: usize,
-    add: usize,
-    save: &Path,
+    run: &AnnRun,
 ) -> Result<AnnBench> {
+    let add = if run.load.is_some() { 0 } else { run.add };
     use crate::search::ann::Hnsw;
     let dbm = NpyMap::open(db)?;
     let qm = queries.map(NpyMap::open).transpose()?;
@@ -325,29 +364,39 @@ pub fn time_ann(
         .num_threads(threads.max(1))
         .build()?;
     pool.install(|| -> Result<AnnBench> {
-        let t0 = Instant::now();
-        let truth = search(data, dim, qs, k, &|_, _| false);
-        let exact_seconds = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let mut h = Hnsw::build(&data[..(n - add) * dim], dim, params);
-        let build_seconds = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        h.extend(data);
-        let add_seconds = t0.elapsed().as_secs_f64();
-        {
-            let f = std::fs::File::create(save)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", save.display()))?;
-            let mut w = std::io::BufWriter::new(f);
-            h.save(&mut w)?;
-        }
-        drop(h);
-        let index_bytes = std::fs::metadata(save)?.len();
-        let h = Hnsw::open(save)?;
+        let (truth, exact_seconds, exact_cpu) = timed(|| search(data, dim, qs, k, &|_, _| false));
+        let (mut build_seconds, mut build_cpu, mut add_seconds) = (0.0, 0.0, 0.0);
+        let path = match run.load {
+            Some(p) => p,
+            None => {
+                let mut h;
+                (h, build_seconds, build_cpu) =
+                    timed(|| Hnsw::build(&data[..(n - add) * dim], dim, &run.params));
+                let t0 = Instant::now();
+                h.extend(data);
+                add_seconds = t0.elapsed().as_secs_f64();
+                let f = std::fs::File::create(run.save)
+                    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", run.save.display()))?;
+                let mut w = std::io::BufWriter::new(f);
+                h.save(&mut w)?;
+                run.save
+            }
+        };
+        let index_bytes = std::fs::metadata(path)?.len();
+        let h = Hnsw::open(path)?;
+        anyhow::ensure!(
+            h.len() == n && h.dim() == dim,
+            "{}: a graph of {} rows × {}, not of these {n} × {dim}",
+            path.display(),
+            h.len(),
+            h.dim()
+        );
         let mut runs = Vec::new();
-        for &ef in efs {
-            let t0 = Instant::now();
-            let got = h.search_batch(data, qs, k, ef, None);
-            let s = t0.elapsed().as_secs_f64();
+        let calls = efs
+            .iter()
+            .flat_map(|&e| std::iter::repeat_n(e, run.repeat.max(1)));
+        for ef in calls {
+            let (got, s, cpu) = timed(|| h.search_batch(data, qs, k, ef, None));
             let found: usize = got
                 .iter()
                 .zip(&truth)
@@ -358,238 +407,21 @@ pub fn time_ann(
                 })
                 .sum();
             let want: usize = truth.iter().map(Vec::len).sum();
-            runs.push((ef, found as f64 / want.max(1) as f64, s));
+            runs.push((ef, found as f64 / want.max(1) as f64, s, cpu));
         }
         Ok(AnnBench {
             n,
             dim,
             queries: nq,
             build_seconds,
+            build_cpu,
             added: add,
             add_seconds,
             index_bytes,
             exact_seconds,
+            exact_cpu,
             runs,
             peak_rss: peak_rss(),
         })
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// PostgreSQL store (bench/pg_bench.sh): the same synthetic rows into a store or a DB folder,
-// then timed single queries.
-
-/// 100 cluster centres of the synthetic store rows.
-fn pg_centers(dim: usize) -> Vec<f32> {
-    let mut r = ChaCha8Rng::seed_from_u64(12345);
-    (0..100 * dim).map(|_| r.random_range(-1.0..1.0)).collect()
-}
-
-/// Row `i` of the synthetic set (clustered like embeddings, 100 classes): its vector into
-/// `out`, and (path, class, content hash).
-fn pg_row(i: usize, dim: usize, centers: &[f32], out: &mut Vec<f32>) -> (String, String, [u8; 32]) {
-    let mut r = ChaCha8Rng::seed_from_u64(i as u64 + 1);
-    let c = r.random_range(0..100usize);
-    out.clear();
-    out.extend((0..dim).map(|j| centers[c * dim + j] + 0.5 * r.random_range(-1.0f32..1.0)));
-    let mut h = [0u8; 32];
-    h[..8].copy_from_slice(&r.random::<u64>().to_be_bytes());
-    h[8..16].copy_from_slice(&(i as u64).to_be_bytes());
-    (
-        format!("/bench/class{c:03}/img{i:08}.jpg"),
-        format!("class{c:03}"),
-        h,
-    )
-}
-
-/// Query `i`: a row of the set moved by noise.
-fn pg_query_vec(i: usize, n: usize, dim: usize, centers: &[f32]) -> Vec<f32> {
-    let mut v = Vec::new();
-    pg_row((i * 7919) % n, dim, centers, &mut v);
-    let mut r = ChaCha8Rng::seed_from_u64(1_000_000 + i as u64);
-    v.iter()
-        .map(|x| x + 0.3 * r.random_range(-1.0f32..1.0))
-        .collect()
-}
-
-fn bench_meta(dim: usize) -> crate::store::pg::StoreMeta {
-    crate::store::pg::StoreMeta {
-        model: "bench".into(),
-        size: 224,
-        dim,
-        normalized: false,
-        info: serde_json::json!({}),
-    }
-}
-
-/// Writes rows `0..n` into a new collection at `url` (hash-partitioned over `shards` when any
-/// are given; rows then go straight to the shards, binary) in batches of `batch`. Seconds.
-pub fn pg_insert(url: &str, shards: &[String], dim: usize, n: usize, batch: usize) -> Result<f64> {
-    use crate::store::pg::{PgStore, RowRef, ShardOptions, id_from_hash, init_sharded};
-    let meta = bench_meta(dim);
-    let mut store = if shards.is_empty() {
-        PgStore::create(url, &meta)?
-    } else {
-        let s: Vec<&str> = shards.iter().map(String::as_str).collect();
-        init_sharded(url, &s, &meta, &ShardOptions::default())?
-    };
-    anyhow::ensure!(
-        store.count()? == 0,
-        "{url} holds rows already: use a new table="
-    );
-    store.batch_rows = batch.max(1);
-    let cs = pg_centers(dim);
-    let mut v = Vec::with_capacity(dim);
-    let t0 = Instant::now();
-    let mut new = 0;
-    for i in 0..n {
-        let (p, c, h) = pg_row(i, dim, &cs, &mut v);
-        new += store.push(RowRef {
-            id: id_from_hash(&h),
-            path: &p,
-            class: &c,
-            class_name: &c,
-            content_hash: &h,
-            embedding: &v,
-        })?;
-    }
-    new += store.flush()?;
-    let s = t0.elapsed().as_secs_f64();
-    anyhow::ensure!(new as usize == n, "{new} rows written of {n}");
-    Ok(s)
-}
-
-/// The same rows written into a DB folder at `dir` (streamed, committed). Seconds.
-pub fn local_insert(dir: &Path, dim: usize, n: usize) -> Result<f64> {
-    use crate::store::db::{DbWriter, Entry, Meta};
-    use crate::store::manifest::Stamp;
-    let cs = pg_centers(dim);
-    let mut v = Vec::with_capacity(dim);
-    let t0 = Instant::now();
-    let mut w = DbWriter::create(dir, dim, None)?;
-    for i in 0..n {
-        let (p, c, h) = pg_row(i, dim, &cs, &mut v);
-        let e = Entry {
-            path: PathBuf::from(p),
-            class_id: c.clone(),
-            class_name: c,
-        };
-        let stamp = Stamp {
-            sha256: Some(h),
-            ..Stamp::default()
-        };
-        w.push_stamped(&e, &v, &stamp)?;
-    }
-    w.finish(Meta {
-        model: "bench".into(),
-        model_source: "bench".into(),
-        size: 224,
-        dim,
-        count: n,
-        normalized: false,
-        data: "synthetic".into(),
-        deeprank_version: env!("CARGO_PKG_VERSION").to_string(),
-        format: 2,
-    })?;
-    Ok(t0.elapsed().as_secs_f64())
-}
-
-/// Per-query seconds (in query order) and each query's result ids, for `nq` single queries of a
-/// store of the first `n` synthetic rows (`mode`), or of a DB folder (`local`: the exact scan, or
-/// its ANN index at the `ef` of an HNSW mode; `deeprank index` must have built it).
-pub fn time_queries(
-    url: Option<&str>,
-    local: Option<&Path>,
-    n: usize,
-    dim: usize,
-    nq: usize,
-    k: usize,
-    mode: crate::store::pg::Mode,
-) -> Result<(Vec<f64>, Vec<Vec<String>>)> {
-    use crate::store::pg::{Filter, PgStore};
-    let cs = pg_centers(dim);
-    let mut secs = Vec::with_capacity(nq);
-    let mut ids = Vec::with_capacity(nq);
-    let mut store = url.map(|u| PgStore::open(u, None)).transpose()?;
-    let db = local.map(crate::store::db::Db::open).transpose()?;
-    let local_ef = match mode {
-        crate::store::pg::Mode::Hnsw { ef, .. } => Some(ef as usize),
-        _ => None,
-    };
-    let index = match (&db, local_ef) {
-        (Some(d), Some(_)) => Some(crate::search::ann::db::open(d)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: no ANN index; run `deeprank index --db` first",
-                d.dir.display()
-            )
-        })?),
-        _ => None,
-    };
-    // A sharded store's ef_search is the shards' (set through the foreign servers' options).
-    if let (Some(s), crate::store::pg::Mode::Hnsw { ef, iterative }) = (&mut store, mode)
-        && s.is_sharded()
-    {
-        s.set_shard_search(ef, iterative)?;
-    }
-    for i in 0..nq {
-        let q = pg_query_vec(i, n, dim, &cs);
-        let t0 = Instant::now();
-        let got: Vec<String> = match (&mut store, &db) {
-            (Some(s), _) => crate::search::pg::rank(s, &q, k, mode, &Filter::default())?
-                .into_iter()
-                .map(|h| h.path.display().to_string())
-                .collect(),
-            (None, Some(db)) => {
-                let hits = match (&index, local_ef) {
-                    (Some(ix), Some(ef)) => {
-                        use crate::search::ann::db::{Mode, Request};
-                        let req = Request {
-                            mode: Mode::Ef(ef),
-                            ..Request::default()
-                        };
-                        crate::search::ann::db::search(db, Some(ix), &q, k, &req).0
-                    }
-                    _ => search(db.vectors.data(), dim, &q, k, &|_, _| false),
-                };
-                hits.into_iter()
-                    .next()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|h| db.entries[h.index].path.display().to_string())
-                    .collect()
-            }
-            _ => anyhow::bail!("a store URL or a DB folder is needed"),
-        };
-        secs.push(t0.elapsed().as_secs_f64());
-        ids.push(got);
-    }
-    Ok((secs, ids))
-}
-
-/// The `p`-quantile (0..=1) of some values (nearest rank).
-pub fn quantile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-/// `EXPLAIN (ANALYZE, VERBOSE)` of the first benchmark query (vector literals shortened).
-pub fn explain_query(
-    url: &str,
-    n: usize,
-    dim: usize,
-    k: usize,
-    mode: crate::store::pg::Mode,
-) -> Result<String> {
-    let mut store = crate::store::pg::PgStore::open(url, None)?;
-    if let crate::store::pg::Mode::Hnsw { ef, iterative } = mode
-        && store.is_sharded()
-    {
-        store.set_shard_search(ef, iterative)?;
-    }
-    let q = pg_query_vec(0, n, dim, &pg_centers(dim));
-    store.explain_search(&q, k, mode, &crate::store::pg::Filter::default())
 }

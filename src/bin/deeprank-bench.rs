@@ -84,8 +84,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         add: usize,
         /// Where the index file is written (default: a temporary file, removed after).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "load")]
         save: Option<PathBuf>,
+        /// Search a graph an earlier run saved (--save) over the same rows instead of building.
+        #[arg(long)]
+        load: Option<PathBuf>,
+        /// Calls per ef (all queries in each).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         #[arg(long, default_value_t = 0x5eed)]
         seed: u64,
     },
@@ -227,6 +233,8 @@ fn run(cli: Cli) -> Result<()> {
             k,
             add,
             save,
+            load,
+            repeat,
             seed,
         } => {
             let threads = threads.unwrap_or(2);
@@ -238,41 +246,40 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--ef {ef}: {e} (expected e.g. 16,32,64)"))?;
             let tmp = tempfile_path();
             let path = save.clone().unwrap_or_else(|| tmp.clone());
-            let params = deeprank::search::ann::Params {
-                m,
-                ef_construction,
-                seed,
-            };
-            let r = benchkit::time_ann(
-                &db_npy,
-                queries.as_deref(),
-                nq,
-                &params,
-                &efs,
-                k,
-                threads,
+            let run = benchkit::AnnRun {
+                params: deeprank::search::ann::Params {
+                    m,
+                    ef_construction,
+                    seed,
+                },
                 add,
-                &path,
-            );
+                save: &path,
+                load: load.as_deref(),
+                repeat,
+            };
+            let r = benchkit::time_ann(&db_npy, queries.as_deref(), nq, &efs, k, threads, &run);
             if save.is_none() {
                 let _ = std::fs::remove_file(&tmp);
             }
             let r = r?;
+            if load.is_none() {
+                println!(
+                    "RESULT deeprank_ann_build n={} dim={} m={m} ef_construction={ef_construction} threads={threads} build_seconds={:.6} cpu={:.2} index_bytes={} add_rows={} add_seconds={:.6}",
+                    r.n, r.dim, r.build_seconds, r.build_cpu, r.index_bytes, r.added, r.add_seconds
+                );
+            }
             println!(
-                "RESULT deeprank_ann_build n={} dim={} m={m} ef_construction={ef_construction} threads={threads} build_seconds={:.6} index_bytes={} add_rows={} add_seconds={:.6}",
-                r.n, r.dim, r.build_seconds, r.index_bytes, r.added, r.add_seconds
-            );
-            println!(
-                "RESULT deeprank_ann_exact n={} dim={} queries={} k={k} threads={threads} seconds={:.6} qps={:.1}",
+                "RESULT deeprank_ann_exact n={} dim={} queries={} k={k} threads={threads} seconds={:.6} qps={:.1} cpu={:.2}",
                 r.n,
                 r.dim,
                 r.queries,
                 r.exact_seconds,
-                r.queries as f64 / r.exact_seconds
+                r.queries as f64 / r.exact_seconds,
+                r.exact_cpu
             );
-            for (ef, recall, s) in &r.runs {
+            for (ef, recall, s, cpu) in &r.runs {
                 println!(
-                    "RESULT deeprank_ann_search n={} dim={} queries={} k={k} m={m} ef={ef} threads={threads} recall={recall:.4} seconds={s:.6} qps={:.1} peak_rss_bytes={}",
+                    "RESULT deeprank_ann_search n={} dim={} queries={} k={k} m={m} ef={ef} threads={threads} recall={recall:.4} seconds={s:.6} qps={:.1} cpu={cpu:.2} peak_rss_bytes={}",
                     r.n,
                     r.dim,
                     r.queries,

@@ -27,6 +27,7 @@ impl Hnsw {
             locks: vec![],
             touched: vec![],
             l2: l2_kernel(),
+            l2x4: crate::cpu::l2::l2x4_kernel(),
             base: None,
             delta: None,
             calibration: vec![],

@@ -209,6 +209,7 @@ impl Hnsw {
             locks: vec![],
             touched: vec![],
             l2: l2_kernel(),
+            l2x4: crate::cpu::l2::l2x4_kernel(),
             base: Some(delta::Base {
                 n,
                 ulen,

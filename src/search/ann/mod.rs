@@ -12,7 +12,7 @@
 //! readers load relaxed and tolerate a list being rewritten: every id they may see is a valid node).
 //! Deletes are tombstones: deleted nodes still route searches but never come out of them.
 
-use crate::cpu::l2::{L2Fn, l2_kernel, prefetch};
+use crate::cpu::l2::{L2Fn, L2x4Fn, l2_kernel, prefetch};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -126,6 +126,7 @@ pub struct Hnsw {
     /// Nodes whose neighbour lists changed since the last [`Hnsw::take_touched`] (for a journal).
     touched: Vec<AtomicU64>,
     l2: L2Fn,
+    l2x4: L2x4Fn,
     /// The saved file this graph was opened from, when it was (what a delta is written against).
     base: Option<delta::Base>,
     /// Neighbour lists a delta file replaces or adds, over the base file's (see `delta.rs`).
@@ -354,15 +355,28 @@ impl Hnsw {
                     buf.push(j);
                 }
             }
-            if let Some(&j) = buf.first() {
+            for &j in buf.iter().take(4) {
                 prefetch(self.row(vectors, j), lines);
             }
+            // Four neighbours per pass over `q` (the next four fetched meanwhile), then one at a
+            // time; the distances are the same either way, and are used in list order.
+            let mut ds = [0f32; 4];
+            let full = buf.len() - buf.len() % 4;
             for t in 0..buf.len() {
                 let j = buf[t];
-                if let Some(&nx) = buf.get(t + 1) {
-                    prefetch(self.row(vectors, nx), lines);
-                }
-                let d = (self.l2)(q, self.row(vectors, j));
+                let d = if t >= full {
+                    (self.l2)(q, self.row(vectors, j))
+                } else {
+                    if t % 4 == 0 {
+                        let rows = [0, 1, 2, 3].map(|u| self.row(vectors, buf[t + u]));
+                        let next = [0, 1, 2, 3].map(|u| {
+                            buf.get(t + 4 + u)
+                                .map_or(rows[u], |&x| self.row(vectors, x))
+                        });
+                        ds = (self.l2x4)(q, rows, next);
+                    }
+                    ds[t % 4]
+                };
                 if d < lower || ctx.res.len() < ef {
                     ctx.cand.push(Reverse(key(d, j)));
                     if ok(j) {
