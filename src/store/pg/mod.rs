@@ -4,7 +4,8 @@
 //! are postgres_fdw foreign tables on shard servers).
 //!
 //! Store URL: `postgres://user@host:port/dbname?table=photos` (any libpq URL; `table` is ours and
-//! is removed before connecting, default `deeprank`).
+//! is removed before connecting, default `deeprank`; `sslmode` and `sslrootcert` are read by
+//! [`tls`] and removed too).
 //!
 //! Layout of collection `t`:
 //! - `t (id bigint primary key, path text, class text, class_name text, content_hash bytea unique,
@@ -30,6 +31,7 @@ pub mod read;
 pub mod shard;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod write;
 
 pub use read::{Candidate, Filter, Iterative, Mode, Searched};
@@ -61,6 +63,8 @@ pub struct StoreUrl {
     pub conn: String,
     /// The collection's table name (a validated identifier).
     pub table: String,
+    /// `sslmode` / `sslrootcert` (libpq's semantics).
+    pub tls: tls::Tls,
 }
 
 /// Whether a `--db` argument names a PostgreSQL store rather than a folder.
@@ -99,6 +103,7 @@ impl StoreUrl {
         };
         let mut table = None;
         let mut rest = Vec::new();
+        let mut tls = tls::Tls::default();
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("table", v)) => {
@@ -106,9 +111,11 @@ impl StoreUrl {
                         bail!("{url}: table= given twice");
                     }
                 }
+                Some((k, v)) if tls.take_param(k, v, &redact(url))? => {}
                 _ => rest.push(kv),
             }
         }
+        tls.finish(&redact(url))?;
         let table = table.unwrap_or_else(|| DEFAULT_TABLE.to_string());
         valid_table(&table).with_context(|| format!("store URL {url}"))?;
         let conn = if rest.is_empty() {
@@ -122,6 +129,7 @@ impl StoreUrl {
             url: url.to_string(),
             conn,
             table,
+            tls,
         })
     }
 
@@ -132,7 +140,22 @@ impl StoreUrl {
             // A server that does not answer fails the call rather than hanging it.
             cfg.connect_timeout(CONNECT_TIMEOUT);
         }
-        cfg.connect(NoTls).map_err(|e| {
+        let made = match self.tls.mode {
+            tls::SslMode::Disable => cfg.connect(NoTls),
+            mode => {
+                cfg.ssl_mode(if mode == tls::SslMode::Prefer {
+                    postgres::config::SslMode::Prefer
+                } else {
+                    postgres::config::SslMode::Require
+                });
+                cfg.connect(self.tls.connector(&self.shown())?)
+            }
+        };
+        made.map_err(|e| {
+            if let Some(why) = tls::explain(&e, &self.tls) {
+                // A TLS setting or certificate problem: waiting will not fix it.
+                return anyhow!("cannot connect to {}: {why}", self.shown());
+            }
             let msg = format!("cannot connect to {}: {}", self.shown(), pg_err(&e));
             if is_unreachable(&e) {
                 anyhow::Error::new(Unreachable {

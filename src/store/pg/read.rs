@@ -2,9 +2,7 @@
 //! sub-select per shard so each returns only its top k), `EXPLAIN`, and the HNSW index.
 
 use super::shard::shard_err;
-use super::{
-    EXACT_MARGIN, PgCtx, PgStore, Shard, StoreUrl, StoredRow, like_prefix, lit, q, unreachable,
-};
+use super::{EXACT_MARGIN, PgCtx, PgStore, Shard, StoredRow, like_prefix, lit, q, unreachable};
 use anyhow::{Context, Result, bail};
 use pgvector::Vector;
 use postgres::Client;
@@ -137,7 +135,7 @@ impl PgStore {
     pub fn create_index(&mut self, m: u32, ef_construction: u32) -> Result<()> {
         if self.is_sharded() {
             for s in self.shards.clone() {
-                let su = StoreUrl::parse(&format!("{}?table={}", s.url, self.url.table))?;
+                let su = s.store_url(&self.url.table)?;
                 let mut c = su
                     .connect()
                     .with_context(|| format!("shard {}", s.partition))?;

@@ -23,6 +23,34 @@ pub struct Shard {
     pub remainder: i32,
 }
 
+impl Shard {
+    /// The shard's store URL for collection `table`.
+    pub fn store_url(&self, table: &str) -> Result<StoreUrl> {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        StoreUrl::parse(&format!("{}{sep}table={table}", self.url))
+    }
+}
+
+/// `base` with the TLS options of a foreign server as query parameters (values percent-encoded
+/// where a URL needs it), so deeprank's direct connections to the shard use TLS as the
+/// coordinator's do.
+fn shard_url(base: &str, ssl: &[(&str, String)]) -> String {
+    let mut url = base.to_string();
+    for (i, (k, v)) in ssl.iter().enumerate() {
+        url.push(if i == 0 { '?' } else { '&' });
+        url.push_str(k);
+        url.push('=');
+        for b in v.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                url.push(b as char);
+            } else {
+                let _ = write!(url, "%{b:02X}");
+            }
+        }
+    }
+    url
+}
+
 /// An error that names the shard whose foreign server failed, when that is the cause; an
 /// [`Unreachable`] one when the server or shard cannot be reached.
 pub(super) fn shard_err(
@@ -104,10 +132,14 @@ pub(super) fn list_shards(c: &mut Client, t: &str) -> Result<Vec<Shard>> {
             let port = opt(&so, "port").unwrap_or_else(|| "5432".into());
             let db = opt(&so, "dbname").unwrap_or_else(|| "postgres".into());
             let user = opt(&uo, "user").unwrap_or_else(|| "postgres".into());
+            let ssl: Vec<(&str, String)> = ["sslmode", "sslrootcert"]
+                .into_iter()
+                .filter_map(|k| opt(&so, k).map(|v| (k, v)))
+                .collect();
             Shard {
                 partition: r.get(0),
                 server: r.get(1),
-                url: format!("postgres://{user}@{host}:{port}/{db}"),
+                url: shard_url(&format!("postgres://{user}@{host}:{port}/{db}"), &ssl),
                 modulus: num("modulus"),
                 remainder: num("remainder"),
             }
@@ -301,6 +333,10 @@ pub fn init_sharded(
                 );
                 // Fail fast when a shard is unreachable rather than hanging a query.
                 o.push_str(", connect_timeout '10'");
+                // TLS as the shard URL asks (libpq options; a sslrootcert path is the coordinator's).
+                for (k, v) in su.tls.params() {
+                    let _ = write!(o, ", {k} {}", lit(&v));
+                }
                 let mut um = format!("user {}", lit(&user));
                 if let Some(pw) = cfg.get_password() {
                     let _ = write!(um, ", password {}", lit(&String::from_utf8_lossy(pw)));
@@ -324,4 +360,42 @@ pub fn init_sharded(
         }
     }
     PgStore::from_client(c, cu, Some(meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_urls_keep_tls() {
+        let plain = Shard {
+            partition: "t_p0".into(),
+            server: "t_s0".into(),
+            url: shard_url("postgres://me@h:5/db", &[]),
+            modulus: 2,
+            remainder: 0,
+        };
+        let u = plain.store_url("t").unwrap();
+        assert_eq!(
+            (u.conn.as_str(), u.table.as_str()),
+            ("postgres://me@h:5/db", "t")
+        );
+        let s = Shard {
+            url: shard_url(
+                "postgres://me@h:5/db",
+                &[
+                    ("sslmode", "verify-full".into()),
+                    ("sslrootcert", "/etc/a b&c.pem".into()),
+                ],
+            ),
+            ..plain
+        };
+        let u = s.store_url("t").unwrap();
+        assert_eq!(u.conn, "postgres://me@h:5/db");
+        assert_eq!(u.tls.mode, super::super::tls::SslMode::VerifyFull);
+        assert_eq!(
+            u.tls.root,
+            Some(super::super::tls::RootCert::File("/etc/a b&c.pem".into()))
+        );
+    }
 }
