@@ -92,6 +92,37 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
     Ok(best)
 }
 
+/// Batch-1 latency of the pretrained embedder (what a search request runs): the first `n` images of
+/// `paths` decoded beforehand, 10 warm-up calls, then one `embed_batch` of one image at a time on
+/// the current rayon pool. Returns the seconds of each call.
+pub fn time_latency(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<f64>> {
+    let emb = crate::infer::embedder::Embedder::pretrained(None, size, true)?;
+    let per = 3 * (size as usize).pow(2);
+    let inputs: Vec<Vec<f32>> = paths
+        .iter()
+        .take(n)
+        .map(|p| -> Result<Vec<f32>> {
+            let img = transform::decode_rgb(&std::fs::read(p)?, transform::DEFAULT_MAX_PIXELS)?;
+            let img = transform::resize_rgb(&img, size)?;
+            let mut v = vec![0f32; per];
+            transform::normalise_chw(&img, &mut v)?;
+            Ok(v)
+        })
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(!inputs.is_empty(), "no images to time");
+    for x in inputs.iter().cycle().take(10) {
+        emb.embed_batch(x.clone(), 1)?;
+    }
+    let mut secs = Vec::with_capacity(inputs.len());
+    for x in &inputs {
+        let x = x.clone();
+        let t0 = Instant::now();
+        emb.embed_batch(x, 1)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(secs)
+}
+
 /// The planted near-duplicate kinds: `half` and `double` size, `jpegQ` (re-encoded at JPEG quality
 /// Q, 1–100), `cropP` (a P % crop of each side at a random offset, P in 50–99), `flip`
 /// (horizontal).

@@ -288,6 +288,24 @@ fn cpu_engine_matches_the_plain_network() {
         let b = engine.pooled(&x, 3, size);
         let e = rel_err(&a, &b);
         assert!(e < 1e-4, "{size}px pooled: max |Δ| / max = {e:.2e}");
+        // A lone image (its layers' rows split over the threads) gives the bits it gives in a batch.
+        let per = 3 * size * size;
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for i in 0..3 {
+                let one = pool.install(|| engine.pooled(&x[i * per..(i + 1) * per], 1, size));
+                let want = &b[i * 1280..(i + 1) * 1280];
+                assert!(
+                    one.iter()
+                        .zip(want)
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{size}px image {i} alone on {threads} threads differs from it in a batch"
+                );
+            }
+        }
         // Every cut level the trainer caches (block outputs, NCHW).
         let net = EmbedNet::new(model.clone(), Arch::Lite0, 8, true, &dev);
         for level in [1usize, 2, 5, 9, 16] {

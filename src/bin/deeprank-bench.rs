@@ -117,6 +117,17 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Batch-1 latency of the pretrained embedder (a search request's embedding): the first --n
+    /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/embed_throughput.sh
+    /// compares it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
+    Latency {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 200)]
+        n: usize,
+    },
     /// Times the training step (bench/train_step.sh compares it with PyTorch): the seed recipe's
     /// network and optimiser (full fine-tuning, BatchNorm in training mode) on a fixed batch of the
     /// first 3 × TRIPLETS images of a dataset.
@@ -310,6 +321,18 @@ fn run(cli: Cli) -> Result<()> {
                 "RESULT deeprank_decode images={} size={size} seconds={s:.6} img_per_s={:.0}",
                 paths.len(),
                 paths.len() as f64 / s
+            );
+        }
+        Cmd::Latency { data, size, n } => {
+            let ds = Dataset::open(&data, Split::Val)?;
+            let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+            let secs = benchkit::time_latency(&paths, size, n)?;
+            println!(
+                "RESULT deeprank_b1 size={size} images={} p50_ms={:.2} p99_ms={:.2} threads={}",
+                secs.len(),
+                benchkit::quantile(&secs, 0.5) * 1e3,
+                benchkit::quantile(&secs, 0.99) * 1e3,
+                rayon::current_num_threads()
             );
         }
         Cmd::Train {

@@ -2,6 +2,7 @@
 //! (bias and ReLU6 fused) and the backward pass of one image.
 
 use crate::cpu::simd::{madd, multiversion};
+use std::ops::Range;
 
 pub struct DwArgs<'a> {
     pub x: &'a [f32],
@@ -21,21 +22,37 @@ pub struct DwArgs<'a> {
 /// widest vector instructions: on AVX-512 with 3×3 or 5×5 kernels and channels in sixteens, the
 /// register-blocked kernel of [`avx512`]; otherwise the portable one.
 pub fn depthwise(a: &DwArgs, out: &mut [f32]) {
+    depthwise_rows(a, 0..out_rows(a), out)
+}
+
+/// Output rows of `a`'s convolution.
+pub fn out_rows(a: &DwArgs) -> usize {
+    (a.h + 2 * (a.k / 2) - a.k) / a.stride + 1
+}
+
+/// Output rows `rows` only, into `out` (which starts at row `rows.start`): parts of one image on
+/// several threads. Each pixel is computed exactly as [`depthwise`] computes it.
+pub fn depthwise_rows(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) {
+    let rows = rows.start..rows.end.min(out_rows(a));
     #[cfg(target_arch = "x86_64")]
     if a.c.is_multiple_of(16)
         && (a.k == 3 || a.k == 5)
         && std::arch::is_x86_feature_detected!("avx512f")
     {
         // SAFETY: the CPU has AVX-512F; the kernel reads and writes inside the slices (checked).
-        unsafe { avx512::depthwise(a, out) };
+        unsafe { avx512::depthwise(a, rows, out) };
         return;
     }
-    depthwise_portable(a, out)
+    depthwise_rows_portable(a, rows, out)
+}
+
+/// The portable depthwise kernel (any k and c): per output pixel, every channel block over the taps.
+pub fn depthwise_portable(a: &DwArgs, out: &mut [f32]) {
+    depthwise_rows_portable(a, 0..out_rows(a), out)
 }
 
 multiversion!(
-/// The portable depthwise kernel (any k and c): per output pixel, every channel block over the taps.
-pub fn depthwise_portable => dw_generic::<FMA>(a: &DwArgs, out: &mut [f32]));
+fn depthwise_rows_portable => dw_generic::<FMA>(a: &DwArgs, rows: Range<usize>, out: &mut [f32]));
 
 /// One block of `CB` channels starting at `c0` for output pixel (oy, ox).
 #[inline(always)]
@@ -73,22 +90,23 @@ fn dw_pixel<const CB: usize, const FMA: bool>(
 }
 
 #[inline(always)]
-fn dw_generic<const FMA: bool>(a: &DwArgs, out: &mut [f32]) {
+fn dw_generic<const FMA: bool>(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) {
     let (k, s, c) = (a.k, a.stride, a.c);
     let p = (k / 2) as isize;
-    let ho = (a.h + 2 * (k / 2) - k) / s + 1;
     let wo = (a.w + 2 * (k / 2) - k) / s + 1;
+    let r0 = rows.start;
     let taps = |o: usize, side: usize| {
         let i0 = (o * s) as isize - p;
         let lo = (-i0).max(0) as usize;
         let hi = ((side as isize - i0).min(k as isize)).max(0) as usize;
         (i0, lo..hi)
     };
-    for oy in 0..ho {
+    for oy in rows {
         let (iy0, ky) = taps(oy, a.h);
         for ox in 0..wo {
             let (ix0, kx) = taps(ox, a.w);
-            let o = &mut out[(oy * wo + ox) * c..(oy * wo + ox + 1) * c];
+            let at = (oy - r0) * wo + ox;
+            let o = &mut out[at * c..(at + 1) * c];
             let mut c0 = 0;
             while c0 + 32 <= c {
                 dw_pixel::<32, FMA>(a, c0, ky.clone(), kx.clone(), iy0, ix0, &mut o[c0..]);
@@ -168,20 +186,20 @@ fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
 mod avx512 {
     use super::DwArgs;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn depthwise(a: &DwArgs, out: &mut [f32]) {
-        let ho = (a.h + 2 * (a.k / 2) - a.k) / a.stride + 1;
+    pub(super) unsafe fn depthwise(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
         let wo = (a.w + 2 * (a.k / 2) - a.k) / a.stride + 1;
-        assert!(a.x.len() >= a.h * a.w * a.c && out.len() >= ho * wo * a.c);
+        assert!(a.x.len() >= a.h * a.w * a.c && out.len() >= oy.len() * wo * a.c);
         assert!(a.wt.len() >= a.k * a.k * a.c && a.bias.len() >= a.c);
         // SAFETY (all calls): as asserted, every pixel and tap index stays inside the slices.
         unsafe {
             match (a.k, a.stride) {
-                (3, 1) => rows::<3, 1>(a, out, ho, wo),
-                (3, 2) => rows::<3, 2>(a, out, ho, wo),
-                (5, 1) => rows::<5, 1>(a, out, ho, wo),
-                (5, 2) => rows::<5, 2>(a, out, ho, wo),
+                (3, 1) => rows::<3, 1>(a, out, oy.clone(), wo),
+                (3, 2) => rows::<3, 2>(a, out, oy.clone(), wo),
+                (5, 1) => rows::<5, 1>(a, out, oy.clone(), wo),
+                (5, 2) => rows::<5, 2>(a, out, oy.clone(), wo),
                 _ => unreachable!("dispatched for k 3 or 5 only"),
             }
         }
@@ -191,7 +209,7 @@ mod avx512 {
     unsafe fn rows<const K: usize, const S: usize>(
         a: &DwArgs,
         out: &mut [f32],
-        ho: usize,
+        rows: Range<usize>,
         wo: usize,
     ) {
         let (c, p) = (a.c, (K / 2) as isize);
@@ -206,7 +224,8 @@ mod avx512 {
             let zero = _mm512_setzero_ps();
             let x = a.x.as_ptr();
             let o = out.as_mut_ptr();
-            for oy in 0..ho {
+            let r0 = rows.start;
+            for oy in rows {
                 let iy0 = (oy * S) as isize - p;
                 let lo = (-iy0).max(0) as usize;
                 let hi = ((a.h as isize - iy0).min(K as isize)).max(0) as usize;
@@ -219,6 +238,7 @@ mod avx512 {
                     let row = Row {
                         a,
                         oy,
+                        r0,
                         wo,
                         iy0,
                         lo,
@@ -248,7 +268,8 @@ mod avx512 {
                             }
                         }
                         for (j, av) in acc.iter().enumerate() {
-                            _mm512_storeu_ps(o.add((oy * wo + ox + j) * c + c0), fin(a.relu6, *av));
+                            let at = (oy - r0) * wo + ox + j;
+                            _mm512_storeu_ps(o.add(at * c + c0), fin(a.relu6, *av));
                         }
                         ox += 4;
                     }
@@ -265,6 +286,8 @@ mod avx512 {
     struct Row<'a, 'b> {
         a: &'a DwArgs<'b>,
         oy: usize,
+        /// The first output row `o` holds.
+        r0: usize,
         wo: usize,
         iy0: isize,
         lo: usize,
@@ -302,7 +325,8 @@ mod avx512 {
                     acc = _mm512_fmadd_ps(xv, wv, acc);
                 }
             }
-            _mm512_storeu_ps(o.add((r.oy * r.wo + ox) * c + r.c0), fin(a.relu6, acc));
+            let at = (r.oy - r.r0) * r.wo + ox;
+            _mm512_storeu_ps(o.add(at * c + r.c0), fin(a.relu6, acc));
         }
     }
 }
@@ -352,6 +376,24 @@ mod tests {
                                 assert!(
                                     (f - s).abs() <= 1e-5 * (1.0 + s.abs()),
                                     "k{k} s{stride} {h}×{w}×{c} relu6={relu6} at {i}: {f} vs {s}"
+                                );
+                            }
+                            // Any split into two row ranges gives the same bits, both kernels.
+                            for cut in 0..=ho {
+                                let mut a2 = vec![f32::NAN; ho * wo * c];
+                                let mut p2 = vec![f32::NAN; ho * wo * c];
+                                let (at, ab) = a2.split_at_mut(cut * wo * c);
+                                depthwise_rows(&a, 0..cut, at);
+                                depthwise_rows(&a, cut..ho, ab);
+                                let (pt, pb) = p2.split_at_mut(cut * wo * c);
+                                depthwise_rows_portable(&a, 0..cut, pt);
+                                depthwise_rows_portable(&a, cut..ho, pb);
+                                let same = |x: &[f32], y: &[f32]| {
+                                    x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+                                };
+                                assert!(
+                                    same(&a2, &fast) && same(&p2, &slow),
+                                    "k{k} s{stride} {h}×{w}×{c}: rows cut at {cut}"
                                 );
                             }
                         }

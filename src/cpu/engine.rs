@@ -2,13 +2,14 @@
 //! convolution, channels-last (NHWC) activations, 1×1 convolutions through [`crate::cpu::pointwise`]
 //! (weights packed once, an AVX-512 kernel with bias, residual and ReLU6 fused), depthwise
 //! convolutions as hand-written channel-vector kernels with bias and ReLU6 fused in, one image per thread with that thread's scratch buffers reused
-//! across images and batches.
+//! across images and batches; a lone image (batch 1: a search request) has every layer's rows
+//! split over the threads instead.
 //!
 //! Why: burn's flex backend runs the same network NCHW with a separate pass per operation; its
 //! depthwise and 1×1 convolutions are where the time goes (`bench/RESULTS.md`). Results equal the
 //! plain burn network within float rounding (tested in `tests/model_golden.rs`).
 
-use crate::cpu::depthwise::{DwArgs, depthwise};
+use crate::cpu::depthwise::{DwArgs, depthwise_rows};
 use crate::cpu::fold::fold;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
 use crate::model::device::on_cpu;
@@ -18,6 +19,7 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Range;
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
@@ -63,8 +65,9 @@ impl Depthwise {
         (side + 2 * (self.k / 2) - self.k) / self.stride + 1
     }
 
-    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias).
-    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
+    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias), its rows in `split` parts
+    /// on the rayon pool (1: on this thread).
+    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], split: usize) {
         let a = DwArgs {
             x,
             h,
@@ -76,8 +79,41 @@ impl Depthwise {
             bias: &self.b,
             relu6: true,
         };
-        depthwise(&a, out)
+        let (ho, wo) = (self.out_side(h), self.out_side(w));
+        in_parts(out, ho, wo * self.c, split, 1, |rows, o| {
+            depthwise_rows(&a, rows, o)
+        })
     }
+}
+
+/// `f(rows, part)` over `rows` rows of `row_len` floats at the start of `out`, cut into `parts`
+/// contiguous ranges (a multiple of `align` rows each, but the last) run in parallel on the rayon
+/// pool; one part: a plain call on this thread.
+fn in_parts(
+    out: &mut [f32],
+    rows: usize,
+    row_len: usize,
+    parts: usize,
+    align: usize,
+    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    let out = &mut out[..rows * row_len];
+    let per = rows.div_ceil(parts.max(1)).next_multiple_of(align.max(1));
+    if parts <= 1 || per >= rows {
+        return f(0..rows, out);
+    }
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(i, o)| f(i * per..i * per + o.len() / row_len, o));
+}
+
+/// A 1×1 convolution of `px` pixels with its pixels in `split` parts (see [`in_parts`]); each
+/// pixel is computed exactly as in one call.
+fn pw(p: &Pointwise, x: &[f32], px: usize, out: &mut [f32], epi: Epilogue, split: usize) {
+    // Parts in whole tiles of the AVX-512 kernel's 12 pixels.
+    in_parts(out, px, p.cout, split, 12, |r, o| {
+        p.run(&x[r.start * p.cin..r.end * p.cin], r.len(), o, epi)
+    })
 }
 
 struct Block {
@@ -209,17 +245,31 @@ impl Engine {
         let per_out = c * h * w;
         let mut out = vec![0f32; n * per_out];
         let need = self.scratch_len(side);
+        let one = |x: &[f32], o: &mut [f32], split: usize| {
+            SCRATCH.with(|s| {
+                // A thread that waits for its split parts may run another image meanwhile (rayon
+                // work stealing): that one gets fresh buffers rather than a second borrow.
+                let mut fresh = Scratch::default();
+                let mut held = s.try_borrow_mut();
+                let s = match &mut held {
+                    Ok(s) => &mut **s,
+                    Err(_) => &mut fresh,
+                };
+                grow(&mut s.a, need);
+                grow(&mut s.b, need);
+                grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
+                self.image(x, side, output, o, s, split)
+            })
+        };
+        let threads = rayon::current_num_threads();
+        if n == 1 && threads > 1 {
+            // A lone image (a search request): every layer's rows split over the pool.
+            one(input, &mut out, threads);
+            return out;
+        }
         out.par_chunks_mut(per_out)
             .zip(input.par_chunks(per_in))
-            .for_each(|(o, x)| {
-                SCRATCH.with(|s| {
-                    let s = &mut *s.borrow_mut();
-                    grow(&mut s.a, need);
-                    grow(&mut s.b, need);
-                    grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
-                    self.image(x, side, output, o, s)
-                });
-            });
+            .for_each(|(o, x)| one(x, o, 1));
         out
     }
 
@@ -240,14 +290,30 @@ impl Engine {
         self.run(input, n, side, Output::Pooled)
     }
 
-    /// One image through the network; `s` holds at least [`Engine::scratch_len`] floats per buffer.
-    fn image(&self, x: &[f32], side: usize, output: Output, out: &mut [f32], s: &mut Scratch) {
+    /// One image through the network; `s` holds at least [`Engine::scratch_len`] floats per buffer;
+    /// each layer's rows in `split` parts on the rayon pool (1: all on this thread).
+    fn image(
+        &self,
+        x: &[f32],
+        side: usize,
+        output: Output,
+        out: &mut [f32],
+        s: &mut Scratch,
+        split: usize,
+    ) {
         // Stem: im2col (27 values per output pixel, burn's [ci][ky][kx] order) then a product.
         let ho = side / 2;
         {
             let col = &mut s.c[..ho * ho * 27];
             stem_im2col(x, side, col);
-            self.stem.conv.run(col, ho * ho, &mut s.a, Epilogue::Relu6);
+            pw(
+                &self.stem.conv,
+                col,
+                ho * ho,
+                &mut s.a,
+                Epilogue::Relu6,
+                split,
+            );
         }
 
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
@@ -260,20 +326,21 @@ impl Engine {
             let px = h * h;
             let mid_src: &[f32] = match &blk.expand {
                 Some(e) => {
-                    e.run(&s.a[..px * c], px, &mut s.b, Epilogue::Relu6);
+                    pw(e, &s.a[..px * c], px, &mut s.b, Epilogue::Relu6, split);
                     &s.b[..px * e.cout]
                 }
                 None => &s.a[..px * c],
             };
             let ho = blk.dw.out_side(h);
-            blk.dw.run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c]);
+            blk.dw
+                .run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c], split);
             let opx = ho * ho;
             if blk.residual {
-                blk.project
-                    .run(&s.c[..opx * blk.dw.c], opx, &mut s.a, Epilogue::Accumulate);
+                let x = &s.c[..opx * blk.dw.c];
+                pw(&blk.project, x, opx, &mut s.a, Epilogue::Accumulate, split);
             } else {
-                blk.project
-                    .run(&s.c[..opx * blk.dw.c], opx, &mut s.b, Epilogue::Plain);
+                let x = &s.c[..opx * blk.dw.c];
+                pw(&blk.project, x, opx, &mut s.b, Epilogue::Plain, split);
                 std::mem::swap(&mut s.a, &mut s.b);
             }
             h = ho;
@@ -293,7 +360,14 @@ impl Engine {
             }
             Output::Pooled => {
                 let px = h * h;
-                self.head.run(&s.a[..px * c], px, &mut s.b, Epilogue::Relu6);
+                pw(
+                    &self.head,
+                    &s.a[..px * c],
+                    px,
+                    &mut s.b,
+                    Epilogue::Relu6,
+                    split,
+                );
                 let f = &s.b[..px * self.head.cout];
                 out.fill(0.0);
                 for row in f.chunks_exact(self.head.cout) {
