@@ -264,7 +264,10 @@ impl Hnsw {
             let (ou, ok) = (o as usize, l as u32 <= max_level);
             if !ok
                 || (l == 0) != (o == NONE)
-                || (l > 0 && (ou < base_ulen || ou - base_ulen + l * su > dulen))
+                || (l > 0
+                    && (ou < base_ulen
+                        || !(ou - base_ulen).is_multiple_of(su)
+                        || ou - base_ulen + l * su > dulen))
             {
                 return Err(bad("levels"));
             }
@@ -309,6 +312,21 @@ impl Hnsw {
             b.patched = patched;
         }
         self.delta = Some(d);
+        // A list at level L may only name nodes that reach level L (as the base file's own lists,
+        // checked when it was opened): a search at L reads their level-L list.
+        let changed = self.base.as_ref().map_or(vec![], |b| b.patched.clone());
+        for i in changed.into_iter().chain(base_n as u32..n as u32) {
+            for lv in 1..=self.levels[i as usize] {
+                let sl = self.slot(i, lv);
+                let c = (sl[0].load(Relaxed) as usize).min(sl.len() - 1);
+                if sl[1..=c]
+                    .iter()
+                    .any(|x| self.levels[x.load(Relaxed) as usize] < lv)
+                {
+                    return Err(bad("upper neighbour below its level"));
+                }
+            }
+        }
         Ok(self)
     }
 }

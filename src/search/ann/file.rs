@@ -163,7 +163,11 @@ impl Hnsw {
         for i in 0..n {
             let l = levels[i] as usize;
             let o = upper_off[i] as usize;
-            if l > max_level || (l == 0) != (o == NONE as usize) || (l > 0 && o + l * su > ulen) {
+            // An offset is the start of a node's lists: a multiple of the list size.
+            if l > max_level
+                || (l == 0) != (o == NONE as usize)
+                || (l > 0 && (!o.is_multiple_of(su) || o + l * su > ulen))
+            {
                 return Err(bad("levels"));
             }
         }
@@ -233,7 +237,7 @@ impl Hnsw {
         for i in 0..n {
             for lv in 1..=h.levels[i] as usize {
                 let sl = &up[h.upper_off[i] as usize + (lv - 1) * su..][..su];
-                let c = sl[0].load(Relaxed) as usize;
+                let c = (sl[0].load(Relaxed) as usize).min(su - 1);
                 if sl[1..=c]
                     .iter()
                     .any(|x| (h.levels[x.load(Relaxed) as usize] as usize) < lv)

@@ -252,6 +252,12 @@ fn corrupt_files_are_errors_not_panics() {
         .err()
         .expect("an upper neighbour below its level");
     assert!(e.to_string().contains("below its level"), "{e}");
+    // An upper offset that is not at the start of a list (its "count" would be a neighbour id).
+    let mut b = good.clone();
+    b[o_up + 4 * i..o_up + 4 * i + 4].copy_from_slice(&(off + 1).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = Hnsw::open(&p).err().expect("a misaligned upper offset");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
     // Many single-byte flips all over the file.
     let mut s = 12345u64;
     for _ in 0..300 {
@@ -384,6 +390,38 @@ fn delta_over_a_saved_graph_equals_the_extended_graph() {
     let mut b = good.clone();
     b[40] ^= 1; // the patched count, under the header checksum
     assert!(try_open(&b).is_err(), "header bit flip");
+    // An upper-level list of the delta naming a node that does not reach that level (a search
+    // would read that node's list there, which it does not have).
+    let u32at = |o: usize| u32::from_le_bytes(good[o..o + 4].try_into().unwrap()) as usize;
+    let u64at = |o: usize| u64::from_le_bytes(good[o..o + 8].try_into().unwrap()) as usize;
+    let (m, base_n, n, np) = (u32at(12), u64at(24), u64at(32), u64at(40));
+    let r8 = |x: usize| x.div_ceil(8) * 8;
+    let o_off = 72 + r8(4 * np) + r8(n - base_n);
+    let o_up = o_off + r8(4 * (np + n - base_n)) + r8(4 * (np + n - base_n) * (1 + 2 * m));
+    let base_ulen = r.delta.as_ref().unwrap().base_ulen;
+    let patched = r.base.as_ref().unwrap().patched.clone();
+    let nodes: Vec<u32> = patched
+        .iter()
+        .copied()
+        .chain(base_n as u32..n as u32)
+        .collect();
+    let (k, at) = nodes
+        .iter()
+        .enumerate()
+        .filter(|&(_, &i)| r.levels[i as usize] >= 1)
+        .map(|(k, _)| (k, o_up + (u32at(o_off + 4 * k) - base_ulen) * 4))
+        .find(|&(_, at)| u32at(at) >= 1)
+        .expect("a delta node above level 0 with a level-1 neighbour");
+    let low = (0..n).find(|&j| r.levels[j] == 0).unwrap() as u32;
+    let mut b = good.clone();
+    b[at + 4..at + 8].copy_from_slice(&low.to_le_bytes());
+    let e = try_open(&b).err().unwrap_or_else(|| {
+        panic!(
+            "delta node {} names level-0 node {low} at level 1",
+            nodes[k]
+        )
+    });
+    assert!(e.to_string().contains("below its level"), "{e}");
     let mut s = 777u64;
     for _ in 0..300 {
         s = s
