@@ -102,10 +102,9 @@ pub fn time_latency(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<f64>> 
         .iter()
         .take(n)
         .map(|p| -> Result<Vec<f32>> {
-            let img = transform::decode_rgb(&std::fs::read(p)?, transform::DEFAULT_MAX_PIXELS)?;
-            let img = transform::resize_rgb(&img, size)?;
             let mut v = vec![0f32; per];
-            transform::normalise_chw(&img, &mut v)?;
+            transform::load_tensor(p, size, &mut v)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
             Ok(v)
         })
         .collect::<Result<_>>()?;

@@ -6,24 +6,9 @@
 mod common;
 
 use common::pg::Servers;
-use common::{class_folders, weights};
+use common::{class_folders, cli_env as run, weights};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// Runs the CLI with extra environment; returns (exit code or -1 when killed, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deeprank"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run deeprank");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
 
 fn ok(args: &[&str]) -> String {
     let (code, out, err) = run(args, &[]);

@@ -8,29 +8,14 @@
 mod common;
 
 use common::pg::Servers;
-use common::{class_folders, weights};
+use common::{class_folders, cli_env as run, weights};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-/// Runs the CLI with extra environment; returns (exit code or -1 when killed, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deeprank"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run deeprank");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
 
 /// A test CA: its PEM and the means to sign server certificates.
 struct Ca {

@@ -76,8 +76,15 @@ pub fn class_folders(root: &Path, classes: usize, n: usize) -> Vec<PathBuf> {
 
 /// Runs the CLI binary; returns (exit code, stdout, stderr).
 pub fn cli(args: &[&str]) -> (i32, String, String) {
+    cli_env(args, &[])
+}
+
+/// Runs the CLI binary with extra environment; returns (exit code or -1 when killed, stdout,
+/// stderr).
+pub fn cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_deeprank"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run deeprank");
     (

@@ -312,20 +312,11 @@ impl Hnsw {
             b.patched = patched;
         }
         self.delta = Some(d);
-        // A list at level L may only name nodes that reach level L (as the base file's own lists,
-        // checked when it was opened): a search at L reads their level-L list.
+        // The lists the delta replaces or adds (the base file's were checked when it was opened).
         let changed = self.base.as_ref().map_or(vec![], |b| b.patched.clone());
-        for i in changed.into_iter().chain(base_n as u32..n as u32) {
-            for lv in 1..=self.levels[i as usize] {
-                let sl = self.slot(i, lv);
-                let c = (sl[0].load(Relaxed) as usize).min(sl.len() - 1);
-                if sl[1..=c]
-                    .iter()
-                    .any(|x| self.levels[x.load(Relaxed) as usize] < lv)
-                {
-                    return Err(bad("upper neighbour below its level"));
-                }
-            }
+        if !self.upper_lists_reach_their_levels(changed.into_iter().chain(base_n as u32..n as u32))
+        {
+            return Err(bad("upper neighbour below its level"));
         }
         Ok(self)
     }

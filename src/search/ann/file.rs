@@ -231,20 +231,8 @@ impl Hnsw {
                 }
             }
         }
-        // A list at level L may only name nodes that reach level L: a search at L reads their own
-        // level-L list, which a lower node does not have.
-        let up = h.upper.get();
-        for i in 0..n {
-            for lv in 1..=h.levels[i] as usize {
-                let sl = &up[h.upper_off[i] as usize + (lv - 1) * su..][..su];
-                let c = (sl[0].load(Relaxed) as usize).min(su - 1);
-                if sl[1..=c]
-                    .iter()
-                    .any(|x| (h.levels[x.load(Relaxed) as usize] as usize) < lv)
-                {
-                    return Err(bad("upper neighbour below its level"));
-                }
-            }
+        if !h.upper_lists_reach_their_levels(0..n as u32) {
+            return Err(bad("upper neighbour below its level"));
         }
         Ok(h)
     }

@@ -243,6 +243,21 @@ impl Hnsw {
     }
     /// Slot of node `i` on layer `lev` (`[count, ids…]`).
     #[inline(always)]
+    /// Whether every upper-level list of `nodes` names only nodes that reach that level: a search
+    /// at level L reads the level-L list of each node it finds there (checked when a graph file or
+    /// a delta is opened).
+    fn upper_lists_reach_their_levels(&self, nodes: impl IntoIterator<Item = u32>) -> bool {
+        nodes.into_iter().all(|i| {
+            (1..=self.levels[i as usize]).all(|lv| {
+                let sl = self.slot(i, lv);
+                let c = (sl[0].load(Relaxed) as usize).min(sl.len() - 1);
+                sl[1..=c]
+                    .iter()
+                    .all(|x| self.levels[x.load(Relaxed) as usize] >= lv)
+            })
+        })
+    }
+
     fn slot(&self, i: u32, lev: u8) -> &[AtomicU32] {
         if lev == 0 {
             let s = self.s0();
