@@ -249,6 +249,20 @@ fn every_sampling_mode_and_the_multiscale_network_train() {
             ],
             17,
         ),
+        // The classifier's posteriors beside the pooled features, the head convolution trained
+        // through them (the classifier itself stays frozen).
+        (
+            "classes",
+            vec![
+                "--arch",
+                "classes",
+                "--freeze-blocks",
+                "16",
+                "--batch",
+                "16",
+            ],
+            17,
+        ),
         (
             "seed",
             vec!["--recipe", "seed", "--batch", "4", "--dim", "64"],
@@ -274,7 +288,11 @@ fn every_sampling_mode_and_the_multiscale_network_train() {
         assert!(m[0][2].parse::<usize>().unwrap() > 0, "{name}: no triplets");
         // The frozen part kept the ImageNet weights bit for bit; every trainable part moved by
         // more than weight decay alone could move it.
-        let moves = backbone_moves(&run);
+        let mut moves = backbone_moves(&run);
+        let fc = moves.pop().unwrap();
+        if fc != 0.0 {
+            failures.push(format!("{name}: the ImageNet classifier moved by {fc:.2e}"));
+        }
         let shown: Vec<String> = moves.iter().map(|d| format!("{d:.1e}")).collect();
         eprintln!("{name}: largest |Δ| per part {}", shown.join(" "));
         for (i, &d) in moves.iter().enumerate() {
@@ -284,10 +302,10 @@ fn every_sampling_mode_and_the_multiscale_network_train() {
                 failures.push(format!("{name}: trainable part {i} moved only {d:.2e}"));
             }
         }
-        // The trained multiscale run embeds (backbone through the CPU engine, branches and head
-        // through burn) as its network evaluated directly by burn.
-        if name == "multiscale" {
-            failures.extend(multiscale_embeddings_match_the_network(&run).err());
+        // The trained multiscale and classes runs embed (backbone through the CPU engine, the
+        // rest through burn) as their networks evaluated directly by burn.
+        if name == "multiscale" || name == "classes" {
+            failures.extend(embeddings_match_the_network(&run, name).err());
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -298,7 +316,8 @@ fn every_sampling_mode_and_the_multiscale_network_train() {
 const MOVED: f32 = 1e-6;
 
 /// Largest |Δ| of each backbone part's parameters (convolution weights, BatchNorm γ and β)
-/// between a run's model and the ImageNet weights: `[stem, block 0, …, block 15, head conv]`.
+/// between a run's model and the ImageNet weights: `[stem, block 0, …, block 15, head conv]`,
+/// then the ImageNet classifier's (frozen in every run, also where `--arch classes` reads it).
 fn backbone_moves(run: &Path) -> Vec<f32> {
     let dev = deeprank::model::device::device();
     let (_, net) = deeprank::model::run::load_run(run).unwrap();
@@ -308,7 +327,10 @@ fn backbone_moves(run: &Path) -> Vec<f32> {
         &dev,
     )
     .unwrap();
-    part_diffs(&net.backbone, &p)
+    let mut d = part_diffs(&net.backbone, &p);
+    let fc = max_diff(net.backbone.fc.weight.val(), p.fc.weight.val());
+    d.push(fc);
+    d
 }
 
 /// Largest |Δ| of two tensors' values.
@@ -347,10 +369,10 @@ fn part_diffs(r: &deeprank::model::lite::Lite, p: &deeprank::model::lite::Lite) 
     out
 }
 
-/// A multiscale run's embeddings through `embed` (its backbone through deeprank's CPU engine)
-/// equal its network's plain burn forward pass (relative error 1e-4: float rounding of a
+/// A multiscale or classes run's embeddings through `embed` (its backbone through deeprank's CPU
+/// engine) equal its network's plain burn forward pass (relative error 1e-4: float rounding of a
 /// different summation order; a wrong branch input or a missing normalisation is O(1)).
-fn multiscale_embeddings_match_the_network(run: &Path) -> Result<(), String> {
+fn embeddings_match_the_network(run: &Path, name: &str) -> Result<(), String> {
     use burn::prelude::*;
     let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(common::sample().join("val/images"))
         .unwrap()
@@ -363,7 +385,8 @@ fn multiscale_embeddings_match_the_network(run: &Path) -> Result<(), String> {
     let (vecs, skipped) = emb.embed_files(&paths).unwrap();
     assert!(skipped.is_empty());
     let (_, net) = deeprank::model::run::load_run(run).unwrap();
-    assert!(net.is_multiscale());
+    assert_eq!(net.is_multiscale(), name == "multiscale");
+    assert_eq!(net.classes, name == "classes");
     let (buf, ok, _) = deeprank::data::batch::decode_batch(&paths, 64);
     assert!(ok.iter().all(|&o| o));
     let x = Tensor::<4>::from_data(
@@ -379,12 +402,12 @@ fn multiscale_embeddings_match_the_network(run: &Path) -> Result<(), String> {
         .zip(&want)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    eprintln!("multiscale: embed vs its network: max |Δ| {err:.2e}, scale {scale:.2e}");
+    eprintln!("{name}: embed vs its network: max |Δ| {err:.2e}, scale {scale:.2e}");
     if err <= 1e-4 * scale {
         Ok(())
     } else {
         Err(format!(
-            "multiscale run: embed vs its network: max |Δ| {err:.2e}, scale {scale:.2e}"
+            "{name} run: embed vs its network: max |Δ| {err:.2e}, scale {scale:.2e}"
         ))
     }
 }

@@ -247,6 +247,9 @@ pub enum ArchArg {
     Lite0,
     /// The paper's multiscale network: the backbone + two shallow branches on 4:1 and 8:1 copies.
     Multiscale,
+    /// The backbone + a linear head on its pooled features and its ImageNet classifier's class
+    /// posteriors (α·√softmax, the classifier frozen)
+    Classes,
 }
 
 impl From<ArchArg> for Arch {
@@ -254,6 +257,7 @@ impl From<ArchArg> for Arch {
         match a {
             ArchArg::Lite0 => Arch::Lite0,
             ArchArg::Multiscale => Arch::Multiscale,
+            ArchArg::Classes => Arch::Classes,
         }
     }
 }

@@ -5,7 +5,7 @@ use crate::cpu::engine::cpu_engine;
 use crate::data::dataset::Dataset;
 use crate::infer::trained::prefix_host;
 use crate::model::device::{device, to_vec};
-use crate::model::net::{EmbedNet, LevelInput};
+use crate::model::net::{Arch, EmbedNet, LevelInput};
 use crate::model::weights;
 use crate::progress::progress;
 use crate::train::config::TrainConfig;
@@ -312,7 +312,12 @@ fn cache_key(
             cfg.size,
             cfg.views,
             cfg.seed,
-            cfg.arch
+            // The classes head reads the same pooled features as the linear one.
+            if cfg.arch == Arch::Multiscale {
+                Arch::Multiscale
+            } else {
+                Arch::Lite0
+            }
         )
         .as_bytes(),
     );
