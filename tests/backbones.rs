@@ -279,6 +279,39 @@ fn the_backbone_is_part_of_the_model_identity() {
     }
 }
 
+/// `train` with no backbone, size or arch flag trains the default recipe: Lite2 at 256 px with the
+/// classes head on the whole frozen backbone (bench/RESULTS.md §3 chose it).
+#[test]
+fn the_default_recipe_trains_lite2_with_the_classes_head() {
+    let w2 = common::weights_for(Backbone::Lite2);
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let s = common::sample();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deeprank"))
+        .env("DEEPRANK_HOME", dir.path().join("home"))
+        .env_remove("DEEPRANK_WEIGHTS")
+        .args(["--threads", "2", "train", "--data"])
+        .arg(&s)
+        .arg("--out")
+        .arg(&run)
+        .arg("--weights")
+        .arg(&w2)
+        .args(["--epochs", "1", "--steps-per-epoch", "2", "--batch", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["backbone"], "lite2");
+    assert_eq!(cfg["arch"], "classes");
+    assert_eq!(cfg["size"], 256);
+    assert_eq!(cfg["freeze_blocks"], 22);
+}
+
 /// `train --backbone lite1`: the default recipe freezes all 21 blocks (level 22), the run records
 /// its backbone, `embed --model RUN` rebuilds Lite1 under the head, and `--backbone lite0` with that
 /// run is refused.

@@ -34,6 +34,8 @@ fn resume_alone_keeps_the_runs_own_settings() {
         .args([
             "--out",
             out,
+            "--backbone",
+            "lite0",
             "--size",
             "64",
             "--epochs",

@@ -18,6 +18,9 @@ fn train_args<'a>(out: &'a str, data: &'a str, extra: &[&'a str]) -> Vec<&'a str
         out,
         "--size",
         "64",
+        // The test weights (`DEEPRANK_WEIGHTS`) are Lite0's; the default recipe's is Lite2.
+        "--backbone",
+        "lite0",
     ];
     v.extend_from_slice(extra);
     v

@@ -1,7 +1,6 @@
 //! `deeprank train`: its flags, the recipe they override, and what it prints.
 
 use anyhow::{Result, bail};
-use deeprank::model::lite::Backbone;
 use deeprank::model::net::Arch;
 use deeprank::train::config::{BnMode, OptimizerKind, Recipe, TrainConfig};
 use deeprank::train::plan::Sampling;
@@ -32,7 +31,8 @@ pub struct TrainArgs {
     /// Triplet file from `deeprank sample` (implies --sampling file).
     #[arg(long)]
     triplets: Option<PathBuf>,
-    /// The pretrained network (default: lite0; on --resume, the run's).
+    /// The pretrained network (default: the recipe's, lite2 for the default recipe and lite0 for
+    /// the seed's; on --resume, the run's).
     #[arg(long, value_enum)]
     backbone: Option<super::BackboneArg>,
     #[arg(long, value_enum)]
@@ -107,16 +107,13 @@ impl TrainArgs {
         let mut c = match (run, self.recipe) {
             (Some(r), None) => r.clone(),
             (r, recipe) => {
+                let recipe: Recipe = recipe.unwrap_or(RecipeArg::Default).into();
                 let backbone = match (self.backbone, r) {
                     (Some(b), _) => b.into(),
                     (None, Some(r)) => r.backbone,
-                    (None, None) => Backbone::Lite0,
+                    (None, None) => recipe.backbone(),
                 };
-                let mut c = TrainConfig::recipe_for(
-                    recipe.unwrap_or(RecipeArg::Default).into(),
-                    data.clone(),
-                    backbone,
-                );
+                let mut c = TrainConfig::recipe_for(recipe, data.clone(), backbone);
                 // Where the run reads from and its weights stay the run's.
                 if let Some(r) = r {
                     c.val = r.val.clone();

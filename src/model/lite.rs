@@ -91,6 +91,12 @@ impl Backbone {
         }
     }
 
+    /// The side a training run uses by default: the native side rounded to a multiple of 32 (a
+    /// trained network's input side must be one): 224, 256, 256.
+    pub fn train_size(self) -> u32 {
+        (self.native_size() + 16) / 32 * 32
+    }
+
     /// The scaled stages (EfficientNet's `round_filters`/`round_repeats`, with the Lite builder's
     /// fixed stem, head and first/last stage repeats).
     pub fn stages(self) -> Vec<Stage> {

@@ -41,6 +41,17 @@ pub enum Recipe {
     Seed,
 }
 
+impl Recipe {
+    /// The backbone a recipe trains when none is given: for the default recipe the best measured
+    /// within its hour of CPU (Lite2; bench/RESULTS.md §3), for the seed's Lite0.
+    pub fn backbone(self) -> Backbone {
+        match self {
+            Recipe::Default => Backbone::Lite2,
+            Recipe::Seed => Backbone::Lite0,
+        }
+    }
+}
+
 /// Everything that defines a run (saved in `config.json` and in every checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -100,7 +111,7 @@ impl TrainConfig {
                 backbone,
                 data,
                 val: None,
-                arch: Arch::Lite0,
+                arch: Arch::Classes,
                 dim: 128,
                 normalize: true,
                 gap: 1.0,
@@ -114,9 +125,9 @@ impl TrainConfig {
                 weight_decay: 0.0,
                 batch: 128,
                 per_class: 4,
-                epochs: 15,
+                epochs: 30,
                 steps_per_epoch: None,
-                size: 224,
+                size: backbone.train_size(),
                 freeze_blocks: backbone.pooled_level(),
                 bn: BnMode::Frozen,
                 cache: true,
@@ -273,4 +284,36 @@ pub fn build_net(cfg: &TrainConfig, device: &Device) -> Result<EmbedNet> {
         cfg.normalize,
         device,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default recipe: the classes head, 30 epochs, on Lite2 unless told otherwise, at the
+    /// backbone's training side; the seed's stays the seed's (Lite0, linear head, 128 px).
+    #[test]
+    fn recipes_pick_their_backbone_arch_and_side() {
+        assert_eq!(Recipe::Default.backbone(), Backbone::Lite2);
+        assert_eq!(Recipe::Seed.backbone(), Backbone::Lite0);
+        for (b, side) in [
+            (Backbone::Lite0, 224),
+            (Backbone::Lite1, 256),
+            (Backbone::Lite2, 256),
+        ] {
+            let c = TrainConfig::recipe_for(Recipe::Default, "d".into(), b);
+            assert_eq!(
+                (c.arch, c.epochs, c.size),
+                (Arch::Classes, 30, side),
+                "{b:?}"
+            );
+            assert_eq!(c.freeze_blocks, b.pooled_level());
+            c.validate().unwrap();
+        }
+        let s = TrainConfig::recipe_for(Recipe::Seed, "d".into(), Recipe::Seed.backbone());
+        assert_eq!(
+            (s.arch, s.size, s.backbone),
+            (Arch::Lite0, 128, Backbone::Lite0)
+        );
+    }
 }
