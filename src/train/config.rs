@@ -125,7 +125,7 @@ impl TrainConfig {
                 weight_decay: 0.0,
                 batch: 128,
                 per_class: 4,
-                epochs: 30,
+                epochs: 60,
                 steps_per_epoch: None,
                 size: backbone.train_size(),
                 freeze_blocks: backbone.pooled_level(),
@@ -290,7 +290,7 @@ pub fn build_net(cfg: &TrainConfig, device: &Device) -> Result<EmbedNet> {
 mod tests {
     use super::*;
 
-    /// The default recipe: the classes head, 30 epochs, on Lite2 unless told otherwise, at the
+    /// The default recipe: the classes head, 60 epochs, on Lite2 unless told otherwise, at the
     /// backbone's training side; the seed's stays the seed's (Lite0, linear head, 128 px).
     #[test]
     fn recipes_pick_their_backbone_arch_and_side() {
@@ -304,7 +304,7 @@ mod tests {
             let c = TrainConfig::recipe_for(Recipe::Default, "d".into(), b);
             assert_eq!(
                 (c.arch, c.epochs, c.size),
-                (Arch::Classes, 30, side),
+                (Arch::Classes, 60, side),
                 "{b:?}"
             );
             assert_eq!(c.freeze_blocks, b.pooled_level());
