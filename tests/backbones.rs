@@ -10,6 +10,7 @@ use deeprank::data::transform;
 use deeprank::infer::embedder::Embedder;
 use deeprank::model::lite::Backbone;
 use serde_json::Value;
+use std::path::Path;
 
 fn rel_err(want: &[f32], got: &[f32]) -> f32 {
     assert_eq!(want.len(), got.len());
@@ -279,24 +280,21 @@ fn the_backbone_is_part_of_the_model_identity() {
     }
 }
 
-/// `train` with no backbone, size or arch flag trains the default recipe: Lite2 at 256 px with the
-/// classes head on the whole frozen backbone (bench/RESULTS.md §3 chose it).
-#[test]
-fn the_default_recipe_trains_lite2_with_the_classes_head() {
-    let w2 = common::weights_for(Backbone::Lite2);
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let s = common::sample();
+/// A short `train` run (1 epoch of 2 steps) on the sample into `dir/run` with `weights` and the
+/// flags `extra`, its own DEEPRANK_HOME and no DEEPRANK_WEIGHTS; returns the run's config.json.
+fn train_short(dir: &Path, weights: &Path, extra: &[&str]) -> Value {
+    let run = dir.join("run");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_deeprank"))
-        .env("DEEPRANK_HOME", dir.path().join("home"))
+        .env("DEEPRANK_HOME", dir.join("home"))
         .env_remove("DEEPRANK_WEIGHTS")
         .args(["--threads", "2", "train", "--data"])
-        .arg(&s)
+        .arg(common::sample())
         .arg("--out")
         .arg(&run)
         .arg("--weights")
-        .arg(&w2)
+        .arg(weights)
         .args(["--epochs", "1", "--steps-per-epoch", "2", "--batch", "16"])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -304,8 +302,15 @@ fn the_default_recipe_trains_lite2_with_the_classes_head() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
+/// `train` with no backbone, size or arch flag trains the default recipe: Lite2 at 256 px with the
+/// classes head on the whole frozen backbone (bench/RESULTS.md §3 chose it).
+#[test]
+fn the_default_recipe_trains_lite2_with_the_classes_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = train_short(dir.path(), &common::weights_for(Backbone::Lite2), &[]);
     assert_eq!(cfg["backbone"], "lite2");
     assert_eq!(cfg["arch"], "classes");
     assert_eq!(cfg["size"], 256);
@@ -317,38 +322,11 @@ fn the_default_recipe_trains_lite2_with_the_classes_head() {
 /// run is refused.
 #[test]
 fn a_run_trained_on_lite1_embeds_with_lite1() {
-    let w1 = common::weights_for(Backbone::Lite1);
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let s = common::sample();
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deeprank"));
-    c.env("DEEPRANK_HOME", dir.path().join("home")).args([
-        "train",
-        "--data",
-        s.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--backbone",
-        "lite1",
-        "--weights",
-        w1.to_str().unwrap(),
-        "--size",
-        "64",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--batch",
-        "16",
-    ]);
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let w1 = common::weights_for(Backbone::Lite1);
+    let cfg = train_short(dir.path(), &w1, &["--backbone", "lite1", "--size", "64"]);
     assert_eq!(cfg["backbone"], "lite1");
     assert_eq!(cfg["freeze_blocks"], 22);
     let db = dir.path().join("db");

@@ -7,7 +7,7 @@ use deeprank::data::collection::{Collection, Labels};
 use deeprank::data::dataset::{Dataset, Split};
 use deeprank::{benchkit, train};
 use globals::Globals;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[path = "../cli/globals.rs"]
 mod globals;
@@ -118,8 +118,8 @@ enum Cmd {
         runs: usize,
     },
     /// Batch-1 latency of the pretrained embedder (a search request's embedding): the first --n
-    /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/embed_throughput.sh
-    /// compares it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
+    /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/latency.sh compares
+    /// it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
     Latency {
         #[arg(long)]
         data: PathBuf,
@@ -314,8 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Decode { data, size, runs } => {
-            let ds = Dataset::open(&data, Split::Val)?;
-            let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+            let paths = val_paths(&data)?;
             let s = benchkit::time_decode(&paths, size, runs)?;
             println!(
                 "RESULT deeprank_decode images={} size={size} seconds={s:.6} img_per_s={:.0}",
@@ -324,8 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Latency { data, size, n } => {
-            let ds = Dataset::open(&data, Split::Val)?;
-            let paths: Vec<PathBuf> = ds.items.iter().map(|i| i.path.clone()).collect();
+            let paths = val_paths(&data)?;
             let secs = benchkit::time_latency(&paths, size, n)?;
             println!(
                 "RESULT deeprank_b1 size={size} images={} p50_ms={:.2} p99_ms={:.2} threads={}",
@@ -459,4 +457,10 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The image paths of a dataset's val split (what `decode` and `latency` time).
+fn val_paths(data: &Path) -> Result<Vec<PathBuf>> {
+    let ds = Dataset::open(data, Split::Val)?;
+    Ok(ds.items.iter().map(|i| i.path.clone()).collect())
 }
