@@ -12,7 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod layers;
 mod pg;
+pub use layers::{LayerTimes, time_layers};
 pub use pg::{explain_query, local_insert, pg_insert, quantile, time_queries};
 
 /// Writes `rows × dim` uniform(−1, 1) f32 vectors to `path` unless it already exists.
@@ -97,6 +99,22 @@ pub fn time_decode(paths: &[PathBuf], size: u32, runs: usize) -> Result<f64> {
 /// the current rayon pool. Returns the seconds of each call.
 pub fn time_latency(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<f64>> {
     let emb = crate::infer::embedder::Embedder::pretrained(None, size, true)?;
+    let inputs = decoded(paths, size, n)?;
+    for x in inputs.iter().cycle().take(10) {
+        emb.embed_batch(x.clone(), 1)?;
+    }
+    let mut secs = Vec::with_capacity(inputs.len());
+    for x in &inputs {
+        let x = x.clone();
+        let t0 = Instant::now();
+        emb.embed_batch(x, 1)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(secs)
+}
+
+/// The first `n` images of `paths` decoded into normalised `[3][size][size]` tensors (at least one).
+fn decoded(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<Vec<f32>>> {
     let per = 3 * (size as usize).pow(2);
     let inputs: Vec<Vec<f32>> = paths
         .iter()
@@ -109,17 +127,7 @@ pub fn time_latency(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<f64>> 
         })
         .collect::<Result<_>>()?;
     anyhow::ensure!(!inputs.is_empty(), "no images to time");
-    for x in inputs.iter().cycle().take(10) {
-        emb.embed_batch(x.clone(), 1)?;
-    }
-    let mut secs = Vec::with_capacity(inputs.len());
-    for x in &inputs {
-        let x = x.clone();
-        let t0 = Instant::now();
-        emb.embed_batch(x, 1)?;
-        secs.push(t0.elapsed().as_secs_f64());
-    }
-    Ok(secs)
+    Ok(inputs)
 }
 
 /// The planted near-duplicate kinds: `half` and `double` size, `jpegQ` (re-encoded at JPEG quality

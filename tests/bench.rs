@@ -230,3 +230,56 @@ fn ann_builds_the_shipped_index_and_measures_recall_against_exact() {
         assert!(err.contains(want) && !err.contains("panick"), "{err}");
     }
 }
+
+#[test]
+fn layers_times_every_stage_with_blocks_fused_and_not() {
+    let data = common::sample();
+    let (code, out, err) = bench(&[
+        "layers",
+        "--data",
+        data.to_str().unwrap(),
+        "--size",
+        "128",
+        "--n",
+        "3",
+        "--runs",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for name in ["deeprank_layers_plain", "deeprank_layers_fused"] {
+        let r = result(&out, name);
+        assert_eq!(r["images"], "3");
+        positive(&r, "img_per_s");
+    }
+    // `| stage | layer by layer | fused |` rows: every stage is there; at 128 px block 1 runs
+    // fused (its expansion is 1.5 MB), so its whole time sits under its depthwise, none under its
+    // expansion; block 0 has no expansion to fuse.
+    let row = |stage: &str| -> Vec<f64> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {stage} |")))
+            .unwrap_or_else(|| panic!("no {stage} row: {out}"));
+        line.split('|')
+            .skip(2)
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| c.trim().parse().unwrap())
+            .collect()
+    };
+    for stage in ["stem", "block 15 project", "head + pool"] {
+        let v = row(stage);
+        assert!(v.len() == 2 && v.iter().all(|t| *t > 0.0), "{stage}: {v:?}");
+    }
+    let (expand, dw) = (row("block 1 expand"), row("block 1 depthwise"));
+    assert!(
+        expand[0] > 0.0 && expand[1] == 0.0 && dw[1] > dw[0],
+        "{expand:?} {dw:?}"
+    );
+    let total = row("total (thread-ms per image)");
+    assert!(total.iter().all(|t| *t > 0.0), "{total:?}");
+    let (code, _, err) = bench(&["layers", "--data", "/no/such/data"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/no/such/data") && !err.contains("panicked"),
+        "{err}"
+    );
+}

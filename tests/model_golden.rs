@@ -321,3 +321,43 @@ fn cpu_engine_matches_the_plain_network() {
         }
     }
 }
+
+/// Fused blocks (one image per thread: expand → depthwise → project band by band) give the bits
+/// of the layer-by-layer order, for the pooled features and at every block, at sizes where
+/// different blocks fuse, with bands that do not divide the side (100 px: 25 rows after block 1).
+#[test]
+fn fused_blocks_give_the_layer_by_layer_bits() {
+    use deeprank::cpu::engine::{Engine, Output};
+    let dev = deeprank::model::device::device();
+    let model = deeprank::model::weights::load(
+        &common::weights(),
+        deeprank::model::lite::Backbone::Lite0,
+        &dev,
+    )
+    .unwrap();
+    let mut engine = Engine::new(&model).unwrap();
+    for size in [100usize, 128, 224] {
+        let x = mixed_inputs(size);
+        for output in [
+            Output::Pooled,
+            Output::BlocksNhwc(2),
+            Output::BlocksNhwc(4),
+            Output::BlocksNhwc(11),
+        ] {
+            engine.set_fused(true);
+            let fused = engine.run(&x, 3, size, output);
+            engine.set_fused(false);
+            let plain = engine.run(&x, 3, size, output);
+            let differ = fused
+                .iter()
+                .zip(&plain)
+                .filter(|(p, q)| p.to_bits() != q.to_bits())
+                .count();
+            assert!(
+                differ == 0 && fused.len() == plain.len(),
+                "{size}px {output:?}: {differ} of {} values differ",
+                plain.len()
+            );
+        }
+    }
+}

@@ -117,6 +117,19 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Per-layer time of the CPU engine (the pretrained Lite0) on one batch of the first --n
+    /// images of a dataset, fused blocks off and on: wall-clock img/s, and the thread-milliseconds
+    /// per image of each stage (bench/ort_profile.py gives ONNX Runtime's).
+    Layers {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 256)]
+        n: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Batch-1 latency of the pretrained embedder (a search request's embedding): the first --n
     /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/latency.sh compares
     /// it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
@@ -321,6 +334,48 @@ fn run(cli: Cli) -> Result<()> {
                 paths.len(),
                 paths.len() as f64 / s
             );
+        }
+        Cmd::Layers {
+            data,
+            size,
+            n,
+            runs,
+        } => {
+            let paths = val_paths(&data)?;
+            let all = benchkit::time_layers(&paths, size, n, runs)?;
+            let threads = rayon::current_num_threads();
+            for t in &all {
+                println!(
+                    "RESULT deeprank_layers_{} size={size} images={} img_per_s={:.1} threads={threads}",
+                    if t.fused { "fused" } else { "plain" },
+                    n.min(paths.len()),
+                    t.img_per_s
+                );
+            }
+            println!(
+                "| stage | {} |",
+                all.iter()
+                    .map(|t| if t.fused {
+                        "fused ms/img"
+                    } else {
+                        "layer by layer ms/img"
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+            println!("|---|{}", "---|".repeat(all.len()));
+            for (i, (name, _)) in all[0].stages.iter().enumerate() {
+                let row: Vec<String> = all
+                    .iter()
+                    .map(|t| format!("{:.3}", t.stages[i].1 * 1e3))
+                    .collect();
+                println!("| {name} | {} |", row.join(" | "));
+            }
+            let total: Vec<String> = all
+                .iter()
+                .map(|t| format!("{:.3}", t.stages.iter().map(|s| s.1).sum::<f64>() * 1e3))
+                .collect();
+            println!("| total (thread-ms per image) | {} |", total.join(" | "));
         }
         Cmd::Latency { data, size, n } => {
             let paths = val_paths(&data)?;

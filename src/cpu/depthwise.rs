@@ -5,7 +5,12 @@ use crate::cpu::simd::{madd, multiversion};
 use std::ops::Range;
 
 pub struct DwArgs<'a> {
+    /// Input rows `y0..` of the `[h][w][c]` image (all rows from `y0` that the requested output
+    /// rows read; `y0` is 0 for a whole image).
     pub x: &'a [f32],
+    /// The image row held at `x`'s first row: a band of rows computed just before (the engine's
+    /// fused blocks). Padding still follows the whole image's `h`.
+    pub y0: usize,
     pub h: usize,
     pub w: usize,
     pub c: usize,
@@ -72,7 +77,7 @@ fn dw_pixel<const CB: usize, const FMA: bool>(
         let iy = (iy0 + dy as isize) as usize;
         for dx in kx.clone() {
             let ix = (ix0 + dx as isize) as usize;
-            let src = &a.x[(iy * a.w + ix) * c + c0..][..CB];
+            let src = &a.x[((iy - a.y0) * a.w + ix) * c + c0..][..CB];
             let wr = &a.wt[(dy * a.k + dx) * c + c0..][..CB];
             for t in 0..CB {
                 acc[t] = madd::<FMA>(acc[t], src[t], wr[t]);
@@ -191,7 +196,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn depthwise(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
         let wo = (a.w + 2 * (a.k / 2) - a.k) / a.stride + 1;
-        assert!(a.x.len() >= a.h * a.w * a.c && out.len() >= oy.len() * wo * a.c);
+        assert!(out.len() >= oy.len() * wo * a.c);
+        if !oy.is_empty() {
+            // The input rows the output rows read: from the first one's top tap (or row 0) to the
+            // last one's bottom tap (or the last row).
+            let top = (oy.start * a.stride).saturating_sub(a.k / 2);
+            let bottom = ((oy.end - 1) * a.stride + a.k - a.k / 2).min(a.h);
+            assert!(top >= a.y0 && a.x.len() >= (bottom - a.y0) * a.w * a.c);
+        }
         assert!(a.wt.len() >= a.k * a.k * a.c && a.bias.len() >= a.c);
         // SAFETY (all calls): as asserted, every pixel and tap index stays inside the slices.
         unsafe {
@@ -257,7 +269,8 @@ mod avx512 {
                             if ky < lo || ky >= hi {
                                 continue;
                             }
-                            let xrow = x.add(((iy0 + ky as isize) as usize * a.w) * c + c0);
+                            let iy = (iy0 + ky as isize) as usize - a.y0;
+                            let xrow = x.add((iy * a.w) * c + c0);
                             for kx in 0..K {
                                 let wv = w[ky * K + kx];
                                 for (j, av) in acc.iter_mut().enumerate() {
@@ -314,7 +327,7 @@ mod avx512 {
         let mut acc = r.bias;
         unsafe {
             for ky in r.lo..r.hi {
-                let iy = (r.iy0 + ky as isize) as usize;
+                let iy = (r.iy0 + ky as isize) as usize - a.y0;
                 for kx in 0..K {
                     let ix = ix0 + kx as isize;
                     if ix < 0 || ix >= a.w as isize {
@@ -357,6 +370,7 @@ mod tests {
                         for relu6 in [false, true] {
                             let a = DwArgs {
                                 x: &x,
+                                y0: 0,
                                 h,
                                 w,
                                 c,
@@ -395,6 +409,25 @@ mod tests {
                                     same(&a2, &fast) && same(&p2, &slow),
                                     "k{k} s{stride} {h}×{w}×{c}: rows cut at {cut}"
                                 );
+                                // Rows cut.. from a band of the input that starts at the
+                                // first row they read (`y0`), as the fused blocks call it.
+                                if cut < ho {
+                                    let y0 = (cut * stride).saturating_sub(k / 2);
+                                    let band = DwArgs {
+                                        x: &x[y0 * w * c..],
+                                        y0,
+                                        ..a
+                                    };
+                                    let mut fb = vec![f32::NAN; (ho - cut) * wo * c];
+                                    let mut pb = fb.clone();
+                                    depthwise_rows(&band, cut..ho, &mut fb);
+                                    depthwise_rows_portable(&band, cut..ho, &mut pb);
+                                    assert!(
+                                        same(&fb, &fast[cut * wo * c..])
+                                            && same(&pb, &slow[cut * wo * c..]),
+                                        "k{k} s{stride} {h}×{w}×{c}: band from row {y0}"
+                                    );
+                                }
                             }
                         }
                     }

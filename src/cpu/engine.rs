@@ -5,6 +5,13 @@
 //! across images and batches; a lone image (batch 1: a search request) has every layer's rows
 //! split over the threads instead.
 //!
+//! Fused blocks: with one image per thread, an MBConv block with an expansion runs band by band
+//! of output rows: expand only the input rows the band's depthwise taps read (keeping the rows it
+//! shares with the previous band), depthwise them, project them. The 6× wide middle never exists
+//! whole: a band of it stays in the core's L2 instead of streaming a full expanded image (4.8 MB at
+//! 224 px in block 1) through the L3 twice. Every pixel is computed by the same kernel calls as
+//! in the layer-by-layer order, so the outputs are the same bits (tested).
+//!
 //! Why: burn's flex backend runs the same network NCHW with a separate pass per operation; its
 //! depthwise and 1×1 convolutions are where the time goes (`bench/RESULTS.md`). Results equal the
 //! plain burn network within float rounding (tested in `tests/model_golden.rs`).
@@ -20,6 +27,17 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Bytes of expanded input rows a fused block's band aims at (see the module docs): a quarter of
+/// a core's L2, which also holds the band's depthwise output, the block's input and its weights.
+/// Blocks whose whole expansion fits run layer by layer. Chosen with `deeprank-bench layers`
+/// (bench/RESULTS.md §13): 128–1024 KB were within this machine's noise of each other.
+const BAND_BYTES: usize = 512 << 10;
+/// Fewer output rows per band than this and a block runs layer by layer: with one or two rows
+/// per band, the kernels' short calls (a few pixels each) cost more than the cache misses saved.
+const MIN_BAND: usize = 4;
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
@@ -70,6 +88,7 @@ impl Depthwise {
     fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], split: usize) {
         let a = DwArgs {
             x,
+            y0: 0,
             h,
             w,
             c: self.c,
@@ -159,6 +178,25 @@ struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
+    /// A fused block's band of expanded rows and its depthwise output.
+    e: Vec<f32>,
+    d: Vec<f32>,
+}
+
+/// Per-stage clock of [`Engine::profile`]: stage 0 the stem, `1 + 3·b + {0, 1, 2}` block `b`'s
+/// expansion, depthwise and projection (a fused block's whole time under its depthwise), last
+/// the head and pooling.
+struct Lap {
+    t: Instant,
+    secs: Vec<f64>,
+}
+
+fn tick(lap: &mut Option<&mut Lap>, stage: usize) {
+    if let Some(l) = lap {
+        let now = Instant::now();
+        l.secs[stage] += (now - l.t).as_secs_f64();
+        l.t = now;
+    }
 }
 
 thread_local! {
@@ -176,6 +214,8 @@ pub struct Engine {
     stem: Stem,
     blocks: Vec<Block>,
     head: Pointwise,
+    /// Blocks with an expansion run band by band when one thread has the image (module docs).
+    fused: bool,
 }
 
 /// What [`Engine::run`] returns per image.
@@ -217,7 +257,37 @@ impl Engine {
         if head.cout != FEATURE_DIM {
             bail!("unexpected head width {}", head.cout);
         }
-        Ok(Self { stem, blocks, head })
+        Ok(Self {
+            stem,
+            blocks,
+            head,
+            fused: true,
+        })
+    }
+
+    /// Turns the fused blocks off (layer by layer, as with a split image) or on (the default).
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// Names of [`Engine::profile`]'s stages.
+    pub fn stage_names(&self) -> Vec<String> {
+        let mut v = vec!["stem".to_string()];
+        for b in 0..self.blocks.len() {
+            for part in ["expand", "depthwise", "project"] {
+                v.push(format!("block {b} {part}"));
+            }
+        }
+        v.push("head + pool".into());
+        v
+    }
+
+    /// [`Engine::pooled`] with a clock: the thread-seconds each stage took over the `n` images
+    /// (summed over the pool's threads), in [`Engine::stage_names`] order.
+    pub fn profile(&self, input: &[f32], n: usize, side: usize) -> Vec<f64> {
+        let total = Mutex::new(vec![0f64; self.stage_names().len()]);
+        self.run_with(input, n, side, Output::Pooled, Some(&total));
+        total.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Values per image of `output` for inputs of `side` px, and its `[c, h, w]`.
@@ -239,6 +309,18 @@ impl Engine {
     /// Runs `n` images (`[n][3][side][side]`, normalised) and returns `n` outputs back to back.
     /// Images are spread over the rayon pool, one image per thread at a time.
     pub fn run(&self, input: &[f32], n: usize, side: usize, output: Output) -> Vec<f32> {
+        self.run_with(input, n, side, output, None)
+    }
+
+    /// [`Engine::run`], each image's stage times added to `clock` when given.
+    fn run_with(
+        &self,
+        input: &[f32],
+        n: usize,
+        side: usize,
+        output: Output,
+        clock: Option<&Mutex<Vec<f64>>>,
+    ) -> Vec<f32> {
         let per_in = 3 * side * side;
         assert_eq!(input.len(), n * per_in, "input is not n × 3 × side × side");
         let [c, h, w] = self.output_shape(side, output);
@@ -258,7 +340,16 @@ impl Engine {
                 grow(&mut s.a, need);
                 grow(&mut s.b, need);
                 grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
-                self.image(x, side, output, o, s, split)
+                let Some(clock) = clock else {
+                    return self.image(x, side, output, o, s, split, None);
+                };
+                let mut lap = Lap {
+                    t: Instant::now(),
+                    secs: vec![0.0; self.stage_names().len()],
+                };
+                self.image(x, side, output, o, s, split, Some(&mut lap));
+                let mut t = clock.lock().unwrap_or_else(|e| e.into_inner());
+                t.iter_mut().zip(&lap.secs).for_each(|(t, l)| *t += l);
             })
         };
         let threads = rayon::current_num_threads();
@@ -291,7 +382,8 @@ impl Engine {
     }
 
     /// One image through the network; `s` holds at least [`Engine::scratch_len`] floats per buffer;
-    /// each layer's rows in `split` parts on the rayon pool (1: all on this thread).
+    /// each layer's rows in `split` parts on the rayon pool (1: all on this thread, blocks fused).
+    #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
         x: &[f32],
@@ -300,6 +392,7 @@ impl Engine {
         out: &mut [f32],
         s: &mut Scratch,
         split: usize,
+        mut lap: Option<&mut Lap>,
     ) {
         // Stem: im2col (27 values per output pixel, burn's [ci][ky][kx] order) then a product.
         let ho = side / 2;
@@ -315,6 +408,7 @@ impl Engine {
                 split,
             );
         }
+        tick(&mut lap, 0);
 
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
         let (mut h, mut c) = (ho, self.stem.conv.cout);
@@ -322,8 +416,16 @@ impl Engine {
             Output::Pooled => self.blocks.len(),
             Output::Blocks(n) | Output::BlocksNhwc(n) => n.min(self.blocks.len()),
         };
-        for blk in &self.blocks[..nblocks] {
+        for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
             let px = h * h;
+            let stage = 1 + 3 * bi;
+            let band = band_rows(blk, h).filter(|_| self.fused && split == 1);
+            if let (Some(e), Some(band)) = (&blk.expand, band) {
+                h = fused_block(blk, e, band, h, c, s);
+                c = blk.project.cout;
+                tick(&mut lap, stage + 1);
+                continue;
+            }
             let mid_src: &[f32] = match &blk.expand {
                 Some(e) => {
                     pw(e, &s.a[..px * c], px, &mut s.b, Epilogue::Relu6, split);
@@ -331,9 +433,11 @@ impl Engine {
                 }
                 None => &s.a[..px * c],
             };
+            tick(&mut lap, stage);
             let ho = blk.dw.out_side(h);
             blk.dw
                 .run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c], split);
+            tick(&mut lap, stage + 1);
             let opx = ho * ho;
             if blk.residual {
                 let x = &s.c[..opx * blk.dw.c];
@@ -343,6 +447,7 @@ impl Engine {
                 pw(&blk.project, x, opx, &mut s.b, Epilogue::Plain, split);
                 std::mem::swap(&mut s.a, &mut s.b);
             }
+            tick(&mut lap, stage + 2);
             h = ho;
             c = blk.project.cout;
         }
@@ -375,9 +480,88 @@ impl Engine {
                 }
                 let inv = 1.0 / px as f32;
                 out.iter_mut().for_each(|o| *o *= inv);
+                tick(&mut lap, 1 + 3 * self.blocks.len());
             }
         }
     }
+}
+
+/// Output rows per band when `blk` (input side `h`) runs fused: as many as keep the expanded
+/// input rows they read within [`BAND_BYTES`]; None where the whole expansion fits it or the band
+/// would be under [`MIN_BAND`] rows (layer by layer then).
+fn band_rows(blk: &Block, h: usize) -> Option<usize> {
+    let (k, st, row) = (blk.dw.k, blk.dw.stride, h * blk.dw.c * 4);
+    let ho = blk.dw.out_side(h);
+    if h * row <= BAND_BYTES {
+        return None;
+    }
+    let fits = |b: usize| ((b - 1) * st + k) * row <= BAND_BYTES;
+    let band = (1..=ho).take_while(|&b| fits(b)).last()?;
+    (band >= MIN_BAND.min(ho)).then_some(band)
+}
+
+/// One block with an expansion on this thread, `band` output rows at a time (module docs): input
+/// `[h][h][c]` in `s.a`, output in `s.a` (swapped in from `s.b` unless the block adds its input
+/// in place). Returns the output side.
+fn fused_block(
+    blk: &Block,
+    e: &Pointwise,
+    band: usize,
+    h: usize,
+    c: usize,
+    s: &mut Scratch,
+) -> usize {
+    let (k, st, cm) = (blk.dw.k, blk.dw.stride, blk.dw.c);
+    let (w, ho, co) = (h, blk.dw.out_side(h), blk.project.cout);
+    let row = w * cm;
+    grow(&mut s.e, ((band - 1) * st + k).min(h) * row);
+    grow(&mut s.d, band * ho * cm);
+    // Input rows held in `s.e` (its row 0 is image row `held.start`).
+    let mut held = 0..0;
+    for oy0 in (0..ho).step_by(band) {
+        let oy1 = (oy0 + band).min(ho);
+        let need = (oy0 * st).saturating_sub(k / 2)..((oy1 - 1) * st + k - k / 2).min(h);
+        // Keep the rows this band shares with the previous one; expand only the new ones.
+        let from = if need.start >= held.start && need.start < held.end {
+            let keep = (need.start - held.start) * row..(held.end - held.start) * row;
+            s.e.copy_within(keep, 0);
+            held.end
+        } else {
+            need.start
+        };
+        let x = &s.a[from * w * c..need.end * w * c];
+        let at = (from - need.start) * row;
+        e.run(x, (need.end - from) * w, &mut s.e[at..], Epilogue::Relu6);
+        held = need.clone();
+        let a = DwArgs {
+            x: &s.e[..need.len() * row],
+            y0: need.start,
+            h,
+            w,
+            c: cm,
+            k,
+            stride: st,
+            wt: &blk.dw.w,
+            bias: &blk.dw.b,
+            relu6: true,
+        };
+        let d = &mut s.d[..(oy1 - oy0) * ho * cm];
+        depthwise_rows(&a, oy0..oy1, d);
+        let px = (oy1 - oy0) * ho;
+        if blk.residual {
+            // In place: later bands read only input rows from `held.end` (≥ oy1) on; the rows
+            // they share with this band are kept in `s.e`.
+            let o = &mut s.a[oy0 * ho * co..oy1 * ho * co];
+            blk.project.run(d, px, o, Epilogue::Accumulate);
+        } else {
+            let o = &mut s.b[oy0 * ho * co..oy1 * ho * co];
+            blk.project.run(d, px, o, Epilogue::Plain);
+        }
+    }
+    if !blk.residual {
+        std::mem::swap(&mut s.a, &mut s.b);
+    }
+    ho
 }
 
 /// deeprank's CPU engine for `backbone` when computing on the CPU (None on other devices).

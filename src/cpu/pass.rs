@@ -511,6 +511,7 @@ fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32>
         .for_each(|(o, img)| {
             let a = DwArgs {
                 x: img,
+                y0: 0,
                 h,
                 w: h,
                 c,
