@@ -126,13 +126,40 @@ fn in_parts(
         .for_each(|(i, o)| f(i * per..i * per + o.len() / row_len, o));
 }
 
-/// A 1×1 convolution of `px` pixels with its pixels in `split` parts (see [`in_parts`]); each
-/// pixel is computed exactly as in one call.
+/// A 1×1 convolution of `px` pixels in `split` parts on the rayon pool: by pixels in whole tiles
+/// of the AVX-512 kernel's 12 (see [`in_parts`]), or by weight panels of 32 output channels where
+/// that gives the busiest thread clearly less work (few pixels: a 4×4 map cuts into 12 + 4 pixels,
+/// 36 panels cut evenly; by a margin of a tenth of the layer, since each part then reads all the
+/// pixels). Each value is computed exactly as in one call.
 fn pw(p: &Pointwise, x: &[f32], px: usize, out: &mut [f32], epi: Epilogue, split: usize) {
-    // Parts in whole tiles of the AVX-512 kernel's 12 pixels.
+    let panels = p.panels();
+    let by_px = px.div_ceil(split.max(1)).next_multiple_of(12).min(px) as f64 / px as f64;
+    let by_panel = panels.div_ceil(split.max(1)) as f64 / panels as f64;
+    if split > 1 && by_panel + 0.1 < by_px && Pointwise::splits_by_panels() {
+        let out = &mut out[..px * p.cout];
+        let shared = SharedOut(out.as_mut_ptr());
+        (0..split).into_par_iter().for_each(|i| {
+            let r = i * panels / split..(i + 1) * panels / split;
+            // SAFETY: `out` (px × cout floats) is borrowed mutably for this whole call and each
+            // part writes only its own panels' columns of it; AVX-512 is there (checked above).
+            unsafe { p.run_panels(x, px, shared.get(), epi, r) }
+        });
+        return;
+    }
     in_parts(out, px, p.cout, split, 12, |r, o| {
         p.run(&x[r.start * p.cin..r.end * p.cin], r.len(), o, epi)
     })
+}
+
+/// An output buffer that the parts of one split product write in disjoint columns.
+struct SharedOut(*mut f32);
+// SAFETY: only used by `pw`, whose parts write disjoint columns while it holds the buffer.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
 }
 
 struct Block {
@@ -354,8 +381,11 @@ impl Engine {
         };
         let threads = rayon::current_num_threads();
         if n == 1 && threads > 1 {
-            // A lone image (a search request): every layer's rows split over the pool.
-            one(input, &mut out, threads);
+            // A lone image (a search request): every layer's rows split over the pool, from one
+            // of the pool's own threads, so that each layer's fork-join stays inside the pool;
+            // called from outside (a server's task), every layer would otherwise hand its parts
+            // to the pool and block the caller until they finish.
+            rayon::scope(|_| one(input, &mut out, threads));
             return out;
         }
         out.par_chunks_mut(per_out)

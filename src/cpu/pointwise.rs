@@ -10,6 +10,7 @@
 //! `gemm` crate on the unpacked weights ([`Pointwise::run`] picks at run time).
 
 use crate::cpu::gemm::matmul_acc;
+use std::ops::Range;
 
 /// Output channels per weight panel (two AVX-512 vectors).
 const NR: usize = 32;
@@ -70,10 +71,50 @@ impl Pointwise {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the slices hold what the kernel reads and writes
             // (asserted above), and `packed`/`b` hold whole panels (built in `new`).
-            unsafe { avx512::run(self, x, pixels, out, epilogue) };
+            let panels = 0..self.cout.div_ceil(NR);
+            unsafe { avx512::run(self, x, pixels, out.as_mut_ptr(), epilogue, panels) };
             return;
         }
         self.run_portable(x, pixels, out, epilogue);
+    }
+
+    /// Weight panels of 32 output channels: the units [`Pointwise::run_panels`] splits by.
+    pub fn panels(&self) -> usize {
+        self.cout.div_ceil(NR)
+    }
+
+    /// Whether [`Pointwise::run_panels`] can run on this CPU (it needs AVX-512).
+    pub fn splits_by_panels() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return true;
+        }
+        false
+    }
+
+    /// [`Pointwise::run`] for output channels `32·panels.start ..` up to `32·panels.end` only, so
+    /// that threads can share one product by columns (a lone image's layers with few pixels).
+    /// Each value is computed exactly as [`Pointwise::run`] computes it.
+    ///
+    /// # Safety
+    /// `out` points to `pixels × cout` writable floats that nothing else reads or writes in these
+    /// columns meanwhile (other threads may write other panels' columns of the same rows), and
+    /// [`Pointwise::splits_by_panels`] is true.
+    pub unsafe fn run_panels(
+        &self,
+        x: &[f32],
+        pixels: usize,
+        out: *mut f32,
+        epilogue: Epilogue,
+        panels: Range<usize>,
+    ) {
+        assert!(x.len() >= pixels * self.cin && panels.end <= self.panels());
+        assert!(Self::splits_by_panels(), "run_panels needs AVX-512");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is there (asserted); `out` as the caller promises.
+        unsafe {
+            avx512::run(self, x, pixels, out, epilogue, panels)
+        };
     }
 
     /// The same through the `gemm` crate (CPUs without AVX-512, and the tests' reference).
@@ -98,17 +139,19 @@ impl Pointwise {
 mod avx512 {
     use super::{Epilogue, MR, NR, Pointwise};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn run(
         pw: &Pointwise,
         x: &[f32],
         pixels: usize,
-        out: &mut [f32],
+        out: *mut f32,
         epilogue: Epilogue,
+        panels: Range<usize>,
     ) {
         let (cin, cout) = (pw.cin, pw.cout);
-        for panel in 0..cout.div_ceil(NR) {
+        for panel in panels {
             let n0 = panel * NR;
             let lanes = (cout - n0).min(NR);
             let wp = &pw.packed[panel * cin * NR..(panel + 1) * cin * NR];
@@ -156,7 +199,7 @@ mod avx512 {
         cin: usize,
         wp: &[f32],
         bias: &[f32],
-        out: &mut [f32],
+        out: *mut f32,
         cout: usize,
         p: usize,
         n0: usize,
@@ -181,7 +224,7 @@ mod avx512 {
             let [m0, m1] = masks(lanes);
             let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
             for (r, a) in acc.iter().enumerate() {
-                let o = out.as_mut_ptr().add((p + r) * cout + n0);
+                let o = out.add((p + r) * cout + n0);
                 for (v, (m, off)) in a.iter().zip([(m0, 0), (m1, 16)]) {
                     if m == 0 {
                         continue;
@@ -261,6 +304,23 @@ mod tests {
                 }
                 // Nothing past the output rows is touched.
                 assert_eq!(got.len(), prior.len());
+                // Any cut of the panels into two ranges gives the same bits as one call.
+                if !portable && Pointwise::splits_by_panels() {
+                    for cut in 0..=pw.panels() {
+                        let mut split = prior.clone();
+                        for r in [0..cut, cut..pw.panels()] {
+                            // SAFETY: `split` holds pixels × cout floats, used by nothing else.
+                            unsafe { pw.run_panels(&x, pixels, split.as_mut_ptr(), epi, r) };
+                        }
+                        assert!(
+                            split
+                                .iter()
+                                .zip(&got)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{pixels}×{cin}→{cout} {epi:?}: panels cut at {cut}"
+                        );
+                    }
+                }
             }
         }
     }
