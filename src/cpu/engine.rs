@@ -3,7 +3,7 @@
 //! (weights packed once, an AVX-512 kernel with bias, residual and ReLU6 fused), depthwise
 //! convolutions as hand-written channel-vector kernels with bias and ReLU6 fused in, one image per thread with that thread's scratch buffers reused
 //! across images and batches; a lone image (batch 1: a search request) has every layer's rows
-//! split over the threads instead.
+//! split over the threads instead, which wait for each next layer as one team ([`crate::cpu::team`]).
 //!
 //! Fused blocks: with one image per thread, an MBConv block with an expansion runs band by band
 //! of output rows: expand only the input rows the band's depthwise taps read (keeping the rows it
@@ -19,6 +19,7 @@
 use crate::cpu::depthwise::{DwArgs, depthwise_rows};
 use crate::cpu::fold::fold;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
+use crate::cpu::team::{SharedOut, Team, in_parts};
 use crate::model::device::on_cpu;
 use crate::model::lite::{FEATURE_DIM, Lite};
 use anyhow::{Result, bail};
@@ -26,7 +27,6 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -83,9 +83,9 @@ impl Depthwise {
         (side + 2 * (self.k / 2) - self.k) / self.stride + 1
     }
 
-    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias), its rows in `split` parts
+    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias), its rows in parts over
     /// on the rayon pool (1: on this thread).
-    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], split: usize) {
+    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], team: Option<&Team>) {
         let a = DwArgs {
             x,
             y0: 0,
@@ -99,46 +99,26 @@ impl Depthwise {
             relu6: true,
         };
         let (ho, wo) = (self.out_side(h), self.out_side(w));
-        in_parts(out, ho, wo * self.c, split, 1, |rows, o| {
+        in_parts(out, ho, wo * self.c, team, 1, |rows, o| {
             depthwise_rows(&a, rows, o)
         })
     }
 }
 
-/// `f(rows, part)` over `rows` rows of `row_len` floats at the start of `out`, cut into `parts`
-/// contiguous ranges (a multiple of `align` rows each, but the last) run in parallel on the rayon
-/// pool; one part: a plain call on this thread.
-fn in_parts(
-    out: &mut [f32],
-    rows: usize,
-    row_len: usize,
-    parts: usize,
-    align: usize,
-    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
-) {
-    let out = &mut out[..rows * row_len];
-    let per = rows.div_ceil(parts.max(1)).next_multiple_of(align.max(1));
-    if parts <= 1 || per >= rows {
-        return f(0..rows, out);
-    }
-    out.par_chunks_mut(per * row_len)
-        .enumerate()
-        .for_each(|(i, o)| f(i * per..i * per + o.len() / row_len, o));
-}
-
-/// A 1×1 convolution of `px` pixels in `split` parts on the rayon pool: by pixels in whole tiles
+/// A 1×1 convolution of `px` pixels in parts over `team`'s threads: by pixels in whole tiles
 /// of the AVX-512 kernel's 12 (see [`in_parts`]), or by weight panels of 32 output channels where
 /// that gives the busiest thread clearly less work (few pixels: a 4×4 map cuts into 12 + 4 pixels,
 /// 36 panels cut evenly; by a margin of a tenth of the layer, since each part then reads all the
 /// pixels). Each value is computed exactly as in one call.
-fn pw(p: &Pointwise, x: &[f32], px: usize, out: &mut [f32], epi: Epilogue, split: usize) {
+fn pw(p: &Pointwise, x: &[f32], px: usize, out: &mut [f32], epi: Epilogue, team: Option<&Team>) {
     let panels = p.panels();
+    let split = team.map_or(1, Team::threads);
     let by_px = px.div_ceil(split.max(1)).next_multiple_of(12).min(px) as f64 / px as f64;
     let by_panel = panels.div_ceil(split.max(1)) as f64 / panels as f64;
-    if split > 1 && by_panel + 0.1 < by_px && Pointwise::splits_by_panels() {
+    if let Some(team) = team.filter(|_| by_panel + 0.1 < by_px && Pointwise::splits_by_panels()) {
         let out = &mut out[..px * p.cout];
         let shared = SharedOut(out.as_mut_ptr());
-        (0..split).into_par_iter().for_each(|i| {
+        team.run(split, &|i| {
             let r = i * panels / split..(i + 1) * panels / split;
             // SAFETY: `out` (px × cout floats) is borrowed mutably for this whole call and each
             // part writes only its own panels' columns of it; AVX-512 is there (checked above).
@@ -146,20 +126,9 @@ fn pw(p: &Pointwise, x: &[f32], px: usize, out: &mut [f32], epi: Epilogue, split
         });
         return;
     }
-    in_parts(out, px, p.cout, split, 12, |r, o| {
+    in_parts(out, px, p.cout, team, 12, |r, o| {
         p.run(&x[r.start * p.cin..r.end * p.cin], r.len(), o, epi)
     })
-}
-
-/// An output buffer that the parts of one split product write in disjoint columns.
-struct SharedOut(*mut f32);
-// SAFETY: only used by `pw`, whose parts write disjoint columns while it holds the buffer.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 struct Block {
@@ -354,7 +323,7 @@ impl Engine {
         let per_out = c * h * w;
         let mut out = vec![0f32; n * per_out];
         let need = self.scratch_len(side);
-        let one = |x: &[f32], o: &mut [f32], split: usize| {
+        let one = |x: &[f32], o: &mut [f32], team: Option<&Team>| {
             SCRATCH.with(|s| {
                 // A thread that waits for its split parts may run another image meanwhile (rayon
                 // work stealing): that one gets fresh buffers rather than a second borrow.
@@ -368,29 +337,27 @@ impl Engine {
                 grow(&mut s.b, need);
                 grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
                 let Some(clock) = clock else {
-                    return self.image(x, side, output, o, s, split, None);
+                    return self.image(x, side, output, o, s, team, None);
                 };
                 let mut lap = Lap {
                     t: Instant::now(),
                     secs: vec![0.0; self.stage_names().len()],
                 };
-                self.image(x, side, output, o, s, split, Some(&mut lap));
+                self.image(x, side, output, o, s, team, Some(&mut lap));
                 let mut t = clock.lock().unwrap_or_else(|e| e.into_inner());
                 t.iter_mut().zip(&lap.secs).for_each(|(t, l)| *t += l);
             })
         };
         let threads = rayon::current_num_threads();
         if n == 1 && threads > 1 {
-            // A lone image (a search request): every layer's rows split over the pool, from one
-            // of the pool's own threads, so that each layer's fork-join stays inside the pool;
-            // called from outside (a server's task), every layer would otherwise hand its parts
-            // to the pool and block the caller until they finish.
-            rayon::scope(|_| one(input, &mut out, threads));
+            // A lone image (a search request): every layer's rows split over the pool's threads,
+            // which spin between layers as one team (cpu::team) for this image.
+            Team::with(threads, |team| one(input, &mut out, Some(team)));
             return out;
         }
         out.par_chunks_mut(per_out)
             .zip(input.par_chunks(per_in))
-            .for_each(|(o, x)| one(x, o, 1));
+            .for_each(|(o, x)| one(x, o, None));
         out
     }
 
@@ -412,7 +379,7 @@ impl Engine {
     }
 
     /// One image through the network; `s` holds at least [`Engine::scratch_len`] floats per buffer;
-    /// each layer's rows in `split` parts on the rayon pool (1: all on this thread, blocks fused).
+    /// each layer's rows in parts over `team` (none: all on this thread, blocks fused).
     #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
@@ -421,7 +388,7 @@ impl Engine {
         output: Output,
         out: &mut [f32],
         s: &mut Scratch,
-        split: usize,
+        team: Option<&Team>,
         mut lap: Option<&mut Lap>,
     ) {
         // Stem: im2col (27 values per output pixel, burn's [ci][ky][kx] order) then a product.
@@ -435,7 +402,7 @@ impl Engine {
                 ho * ho,
                 &mut s.a,
                 Epilogue::Relu6,
-                split,
+                team,
             );
         }
         tick(&mut lap, 0);
@@ -449,7 +416,7 @@ impl Engine {
         for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
             let px = h * h;
             let stage = 1 + 3 * bi;
-            let band = band_rows(blk, h).filter(|_| self.fused && split == 1);
+            let band = band_rows(blk, h).filter(|_| self.fused && team.is_none());
             if let (Some(e), Some(band)) = (&blk.expand, band) {
                 h = fused_block(blk, e, band, h, c, s);
                 c = blk.project.cout;
@@ -458,7 +425,7 @@ impl Engine {
             }
             let mid_src: &[f32] = match &blk.expand {
                 Some(e) => {
-                    pw(e, &s.a[..px * c], px, &mut s.b, Epilogue::Relu6, split);
+                    pw(e, &s.a[..px * c], px, &mut s.b, Epilogue::Relu6, team);
                     &s.b[..px * e.cout]
                 }
                 None => &s.a[..px * c],
@@ -466,15 +433,15 @@ impl Engine {
             tick(&mut lap, stage);
             let ho = blk.dw.out_side(h);
             blk.dw
-                .run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c], split);
+                .run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c], team);
             tick(&mut lap, stage + 1);
             let opx = ho * ho;
             if blk.residual {
                 let x = &s.c[..opx * blk.dw.c];
-                pw(&blk.project, x, opx, &mut s.a, Epilogue::Accumulate, split);
+                pw(&blk.project, x, opx, &mut s.a, Epilogue::Accumulate, team);
             } else {
                 let x = &s.c[..opx * blk.dw.c];
-                pw(&blk.project, x, opx, &mut s.b, Epilogue::Plain, split);
+                pw(&blk.project, x, opx, &mut s.b, Epilogue::Plain, team);
                 std::mem::swap(&mut s.a, &mut s.b);
             }
             tick(&mut lap, stage + 2);
@@ -501,7 +468,7 @@ impl Engine {
                     px,
                     &mut s.b,
                     Epilogue::Relu6,
-                    split,
+                    team,
                 );
                 let f = &s.b[..px * self.head.cout];
                 out.fill(0.0);

@@ -12,3 +12,4 @@ pub mod norm;
 pub mod pass;
 pub mod pointwise;
 pub mod simd;
+pub mod team;
