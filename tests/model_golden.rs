@@ -213,12 +213,7 @@ fn safetensors_weights_load_like_the_pth() {
 #[test]
 fn folded_batchnorm_path_matches_the_plain_network() {
     let dev = deeprank::model::device::device();
-    let model = deeprank::model::weights::load(
-        &common::weights(),
-        deeprank::model::lite::Backbone::Lite0,
-        &dev,
-    )
-    .unwrap();
+    let model = lite0(&dev);
     let fused = deeprank::infer::fused::FusedLite::new(&model).unwrap();
     for size in [64usize, 128] {
         // Real images and random inputs.
@@ -234,6 +229,16 @@ fn folded_batchnorm_path_matches_the_plain_network() {
         let e = rel_err(&a, &b);
         assert!(e < 1e-4, "{size}px: max |Δ| / max = {e:.2e}");
     }
+}
+
+/// The test weights' Lite0 on `dev`.
+fn lite0(dev: &burn::prelude::Device) -> deeprank::model::lite::Lite {
+    deeprank::model::weights::load(
+        &common::weights(),
+        deeprank::model::lite::Backbone::Lite0,
+        dev,
+    )
+    .unwrap()
 }
 
 /// Real images and a random image at `size` px, `[3][3][size][size]`.
@@ -269,12 +274,7 @@ fn cpu_engine_matches_the_plain_network() {
     use deeprank::cpu::engine::{Engine, Output};
     use deeprank::model::net::{Arch, EmbedNet};
     let dev = deeprank::model::device::device();
-    let model = deeprank::model::weights::load(
-        &common::weights(),
-        deeprank::model::lite::Backbone::Lite0,
-        &dev,
-    )
-    .unwrap();
+    let model = lite0(&dev);
     let engine = Engine::new(&model).unwrap();
     for size in [64usize, 96, 128] {
         let x = mixed_inputs(size);
@@ -329,12 +329,7 @@ fn cpu_engine_matches_the_plain_network() {
 fn fused_blocks_give_the_layer_by_layer_bits() {
     use deeprank::cpu::engine::{Engine, Output};
     let dev = deeprank::model::device::device();
-    let model = deeprank::model::weights::load(
-        &common::weights(),
-        deeprank::model::lite::Backbone::Lite0,
-        &dev,
-    )
-    .unwrap();
+    let model = lite0(&dev);
     let mut engine = Engine::new(&model).unwrap();
     for size in [100usize, 128, 224] {
         let x = mixed_inputs(size);

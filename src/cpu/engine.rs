@@ -79,16 +79,11 @@ impl Depthwise {
         })
     }
 
-    fn out_side(&self, side: usize) -> usize {
-        (side + 2 * (self.k / 2) - self.k) / self.stride + 1
-    }
-
-    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias), its rows in parts over
-    /// on the rayon pool (1: on this thread).
-    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], team: Option<&Team>) {
-        let a = DwArgs {
+    /// The kernel's arguments for input rows `y0..` (in `x`) of an `h × w` image, ReLU6 fused.
+    fn args<'a>(&'a self, x: &'a [f32], y0: usize, h: usize, w: usize) -> DwArgs<'a> {
+        DwArgs {
             x,
-            y0: 0,
+            y0,
             h,
             w,
             c: self.c,
@@ -97,7 +92,17 @@ impl Depthwise {
             wt: &self.w,
             bias: &self.b,
             relu6: true,
-        };
+        }
+    }
+
+    fn out_side(&self, side: usize) -> usize {
+        (side + 2 * (self.k / 2) - self.k) / self.stride + 1
+    }
+
+    /// `x` is `[h][w][c]`; writes `[ho][wo][c]` = ReLU6(conv + bias), its rows in parts over
+    /// on the rayon pool (1: on this thread).
+    fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], team: Option<&Team>) {
+        let a = self.args(x, 0, h, w);
         let (ho, wo) = (self.out_side(h), self.out_side(w));
         in_parts(out, ho, wo * self.c, team, 1, |rows, o| {
             depthwise_rows(&a, rows, o)
@@ -530,18 +535,7 @@ fn fused_block(
         let at = (from - need.start) * row;
         e.run(x, (need.end - from) * w, &mut s.e[at..], Epilogue::Relu6);
         held = need.clone();
-        let a = DwArgs {
-            x: &s.e[..need.len() * row],
-            y0: need.start,
-            h,
-            w,
-            c: cm,
-            k,
-            stride: st,
-            wt: &blk.dw.w,
-            bias: &blk.dw.b,
-            relu6: true,
-        };
+        let a = blk.dw.args(&s.e[..need.len() * row], need.start, h, w);
         let d = &mut s.d[..(oy1 - oy0) * ho * cm];
         depthwise_rows(&a, oy0..oy1, d);
         let px = (oy1 - oy0) * ho;
