@@ -246,12 +246,16 @@ fn layers_times_every_stage_with_blocks_fused_and_not() {
         "1",
     ]);
     assert_eq!(code, 0, "{err}");
-    for name in ["deeprank_layers_plain", "deeprank_layers_fused"] {
+    for name in [
+        "deeprank_layers_plain",
+        "deeprank_layers_fused",
+        "deeprank_layers_grouped",
+    ] {
         let r = result(&out, name);
         assert_eq!(r["images"], "3");
         positive(&r, "img_per_s");
     }
-    // `| stage | layer by layer | fused |` rows: every stage is there; at 128 px block 1 runs
+    // `| stage | layer by layer | fused | fused + grouped tail |` rows: every stage is there; at 128 px block 1 runs
     // fused (its expansion is 1.5 MB), so its whole time sits under its depthwise, none under its
     // expansion; block 0 has no expansion to fuse.
     let row = |stage: &str| -> Vec<f64> {
@@ -267,7 +271,7 @@ fn layers_times_every_stage_with_blocks_fused_and_not() {
     };
     for stage in ["stem", "block 15 project", "head + pool"] {
         let v = row(stage);
-        assert!(v.len() == 2 && v.iter().all(|t| *t > 0.0), "{stage}: {v:?}");
+        assert!(v.len() == 3 && v.iter().all(|t| *t > 0.0), "{stage}: {v:?}");
     }
     let (expand, dw) = (row("block 1 expand"), row("block 1 depthwise"));
     assert!(

@@ -347,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             for t in &all {
                 println!(
                     "RESULT deeprank_layers_{} size={size} images={} img_per_s={:.1} threads={threads}",
-                    if t.fused { "fused" } else { "plain" },
+                    t.name,
                     n.min(paths.len()),
                     t.img_per_s
                 );
@@ -355,10 +355,10 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "| stage | {} |",
                 all.iter()
-                    .map(|t| if t.fused {
-                        "fused ms/img"
-                    } else {
-                        "layer by layer ms/img"
+                    .map(|t| match t.name {
+                        "plain" => "layer by layer ms/img",
+                        "fused" => "fused ms/img",
+                        _ => "fused + grouped tail ms/img",
                     })
                     .collect::<Vec<_>>()
                     .join(" | ")

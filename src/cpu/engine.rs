@@ -30,14 +30,10 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// Bytes of expanded input rows a fused block's band aims at (see the module docs): a quarter of
-/// a core's L2, which also holds the band's depthwise output, the block's input and its weights.
-/// Blocks whose whole expansion fits run layer by layer. Chosen with `deeprank-bench layers`
-/// (bench/RESULTS.md §13): 128–1024 KB were within this machine's noise of each other.
-const BAND_BYTES: usize = 512 << 10;
-/// Fewer output rows per band than this and a block runs layer by layer: with one or two rows
-/// per band, the kernels' short calls (a few pixels each) cost more than the cache misses saved.
-const MIN_BAND: usize = 4;
+mod band;
+mod group;
+
+use band::{band_rows, fused_block};
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
@@ -200,6 +196,20 @@ fn tick(lap: &mut Option<&mut Lap>, stage: usize) {
     }
 }
 
+/// Runs `f` with a fresh [`Lap`] when `clock` is given (its `stages` times then added to it).
+fn clocked(clock: Option<&Mutex<Vec<f64>>>, stages: usize, f: impl FnOnce(&mut Option<&mut Lap>)) {
+    let Some(clock) = clock else {
+        return f(&mut None);
+    };
+    let mut lap = Lap {
+        t: Instant::now(),
+        secs: vec![0.0; stages],
+    };
+    f(&mut Some(&mut lap));
+    let mut t = clock.lock().unwrap_or_else(|e| e.into_inner());
+    t.iter_mut().zip(&lap.secs).for_each(|(t, l)| *t += l);
+}
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
@@ -217,6 +227,8 @@ pub struct Engine {
     head: Pointwise,
     /// Blocks with an expansion run band by band when one thread has the image (module docs).
     fused: bool,
+    /// A batch's small-map blocks run over groups of images (`group.rs`).
+    grouped: bool,
 }
 
 /// What [`Engine::run`] returns per image.
@@ -263,12 +275,18 @@ impl Engine {
             blocks,
             head,
             fused: true,
+            grouped: true,
         })
     }
 
     /// Turns the fused blocks off (layer by layer, as with a split image) or on (the default).
     pub fn set_fused(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    /// Turns the grouped tail of a batch off (every image alone) or on (the default).
+    pub fn set_grouped(&mut self, on: bool) {
+        self.grouped = on;
     }
 
     /// Names of [`Engine::profile`]'s stages.
@@ -327,30 +345,9 @@ impl Engine {
         let [c, h, w] = self.output_shape(side, output);
         let per_out = c * h * w;
         let mut out = vec![0f32; n * per_out];
-        let need = self.scratch_len(side);
         let one = |x: &[f32], o: &mut [f32], team: Option<&Team>| {
-            SCRATCH.with(|s| {
-                // A thread that waits for its split parts may run another image meanwhile (rayon
-                // work stealing): that one gets fresh buffers rather than a second borrow.
-                let mut fresh = Scratch::default();
-                let mut held = s.try_borrow_mut();
-                let s = match &mut held {
-                    Ok(s) => &mut **s,
-                    Err(_) => &mut fresh,
-                };
-                grow(&mut s.a, need);
-                grow(&mut s.b, need);
-                grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
-                let Some(clock) = clock else {
-                    return self.image(x, side, output, o, s, team, None);
-                };
-                let mut lap = Lap {
-                    t: Instant::now(),
-                    secs: vec![0.0; self.stage_names().len()],
-                };
-                self.image(x, side, output, o, s, team, Some(&mut lap));
-                let mut t = clock.lock().unwrap_or_else(|e| e.into_inner());
-                t.iter_mut().zip(&lap.secs).for_each(|(t, l)| *t += l);
+            self.with_scratch(side, clock, |s, lap| {
+                self.image(x, side, output, o, s, team, lap.as_deref_mut())
             })
         };
         let threads = rayon::current_num_threads();
@@ -360,10 +357,40 @@ impl Engine {
             Team::with(threads, |team| one(input, &mut out, Some(team)));
             return out;
         }
+        let g = self.group_size(n, side, output, threads);
+        if g > 1 {
+            self.grouped(input, n, side, g, &mut out, clock);
+            return out;
+        }
         out.par_chunks_mut(per_out)
             .zip(input.par_chunks(per_in))
             .for_each(|(o, x)| one(x, o, None));
         out
+    }
+
+    /// Runs `f` on this thread's scratch buffers, grown for `side` px, with a clock whose stage
+    /// times are added to `clock` when given.
+    fn with_scratch(
+        &self,
+        side: usize,
+        clock: Option<&Mutex<Vec<f64>>>,
+        f: impl FnOnce(&mut Scratch, &mut Option<&mut Lap>),
+    ) {
+        let need = self.scratch_len(side);
+        SCRATCH.with(|s| {
+            // A thread that waits for its split parts may run another image meanwhile (rayon
+            // work stealing): that one gets fresh buffers rather than a second borrow.
+            let mut fresh = Scratch::default();
+            let mut held = s.try_borrow_mut();
+            let s = match &mut held {
+                Ok(s) => &mut **s,
+                Err(_) => &mut fresh,
+            };
+            grow(&mut s.a, need);
+            grow(&mut s.b, need);
+            grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
+            clocked(clock, self.stage_names().len(), |lap| f(s, lap));
+        })
     }
 
     /// Floats of the largest activation at `side` px: the widest block input, output or expansion
@@ -396,6 +423,26 @@ impl Engine {
         team: Option<&Team>,
         mut lap: Option<&mut Lap>,
     ) {
+        let nblocks = match output {
+            Output::Pooled => self.blocks.len(),
+            Output::Blocks(n) | Output::BlocksNhwc(n) => n.min(self.blocks.len()),
+        };
+        let (h, c) = self.front(x, side, nblocks, s, team, &mut lap);
+        self.finish(h, c, output, out, s, team, &mut lap);
+    }
+
+    /// The stem and the first `nblocks` blocks of one image: the activation ends in `s.a`, as
+    /// `[h][h][c]`; returns `(h, c)`.
+    fn front(
+        &self,
+        x: &[f32],
+        side: usize,
+        nblocks: usize,
+        s: &mut Scratch,
+        team: Option<&Team>,
+        lap: &mut Option<&mut Lap>,
+    ) -> (usize, usize) {
+        let mut lap = lap.as_deref_mut();
         // Stem: im2col (27 values per output pixel, burn's [ci][ky][kx] order) then a product.
         let ho = side / 2;
         {
@@ -414,10 +461,6 @@ impl Engine {
 
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
         let (mut h, mut c) = (ho, self.stem.conv.cout);
-        let nblocks = match output {
-            Output::Pooled => self.blocks.len(),
-            Output::Blocks(n) | Output::BlocksNhwc(n) => n.min(self.blocks.len()),
-        };
         for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
             let px = h * h;
             let stage = 1 + 3 * bi;
@@ -453,7 +496,23 @@ impl Engine {
             h = ho;
             c = blk.project.cout;
         }
+        (h, c)
+    }
 
+    /// One image's output from its activation `[h][h][c]` in `s.a` (the head and pooling for
+    /// [`Output::Pooled`]).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        h: usize,
+        c: usize,
+        output: Output,
+        out: &mut [f32],
+        s: &mut Scratch,
+        team: Option<&Team>,
+        lap: &mut Option<&mut Lap>,
+    ) {
+        let mut lap = lap.as_deref_mut();
         match output {
             Output::BlocksNhwc(_) => out.copy_from_slice(&s.a[..h * h * c]),
             Output::Blocks(_) => {
@@ -486,73 +545,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// Output rows per band when `blk` (input side `h`) runs fused: as many as keep the expanded
-/// input rows they read within [`BAND_BYTES`]; None where the whole expansion fits it or the band
-/// would be under [`MIN_BAND`] rows (layer by layer then).
-fn band_rows(blk: &Block, h: usize) -> Option<usize> {
-    let (k, st, row) = (blk.dw.k, blk.dw.stride, h * blk.dw.c * 4);
-    let ho = blk.dw.out_side(h);
-    if h * row <= BAND_BYTES {
-        return None;
-    }
-    let fits = |b: usize| ((b - 1) * st + k) * row <= BAND_BYTES;
-    let band = (1..=ho).take_while(|&b| fits(b)).last()?;
-    (band >= MIN_BAND.min(ho)).then_some(band)
-}
-
-/// One block with an expansion on this thread, `band` output rows at a time (module docs): input
-/// `[h][h][c]` in `s.a`, output in `s.a` (swapped in from `s.b` unless the block adds its input
-/// in place). Returns the output side.
-fn fused_block(
-    blk: &Block,
-    e: &Pointwise,
-    band: usize,
-    h: usize,
-    c: usize,
-    s: &mut Scratch,
-) -> usize {
-    let (k, st, cm) = (blk.dw.k, blk.dw.stride, blk.dw.c);
-    let (w, ho, co) = (h, blk.dw.out_side(h), blk.project.cout);
-    let row = w * cm;
-    grow(&mut s.e, ((band - 1) * st + k).min(h) * row);
-    grow(&mut s.d, band * ho * cm);
-    // Input rows held in `s.e` (its row 0 is image row `held.start`).
-    let mut held = 0..0;
-    for oy0 in (0..ho).step_by(band) {
-        let oy1 = (oy0 + band).min(ho);
-        let need = (oy0 * st).saturating_sub(k / 2)..((oy1 - 1) * st + k - k / 2).min(h);
-        // Keep the rows this band shares with the previous one; expand only the new ones.
-        let from = if need.start >= held.start && need.start < held.end {
-            let keep = (need.start - held.start) * row..(held.end - held.start) * row;
-            s.e.copy_within(keep, 0);
-            held.end
-        } else {
-            need.start
-        };
-        let x = &s.a[from * w * c..need.end * w * c];
-        let at = (from - need.start) * row;
-        e.run(x, (need.end - from) * w, &mut s.e[at..], Epilogue::Relu6);
-        held = need.clone();
-        let a = blk.dw.args(&s.e[..need.len() * row], need.start, h, w);
-        let d = &mut s.d[..(oy1 - oy0) * ho * cm];
-        depthwise_rows(&a, oy0..oy1, d);
-        let px = (oy1 - oy0) * ho;
-        if blk.residual {
-            // In place: later bands read only input rows from `held.end` (≥ oy1) on; the rows
-            // they share with this band are kept in `s.e`.
-            let o = &mut s.a[oy0 * ho * co..oy1 * ho * co];
-            blk.project.run(d, px, o, Epilogue::Accumulate);
-        } else {
-            let o = &mut s.b[oy0 * ho * co..oy1 * ho * co];
-            blk.project.run(d, px, o, Epilogue::Plain);
-        }
-    }
-    if !blk.residual {
-        std::mem::swap(&mut s.a, &mut s.b);
-    }
-    ho
 }
 
 /// deeprank's CPU engine for `backbone` when computing on the CPU (None on other devices).

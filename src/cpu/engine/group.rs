@@ -1,0 +1,199 @@
+//! The grouped tail of a batch: the blocks whose maps are small run layer by layer over several
+//! images at once, each 1×1 convolution as one product over all their pixels.
+//!
+//! Why: a 1×1 convolution over a 4×4 or 7×7 map uses each weight 16 or 49 times, so one image at a
+//! time streams the late blocks' weights (most of the network's 3.4 M) from L3 for every image:
+//! per-layer clocks at 128 px had these layers at half ONNX Runtime's speed, which runs each layer
+//! over the whole batch. Over a group of images the weight panels are loaded once per group and
+//! stay in L2 while every image's pixels go through them. The early blocks still run one image
+//! at a time (fused bands), where an image's activations are what must stay in cache.
+//!
+//! Same bits as one image at a time: the 1×1 kernel computes each pixel alone (its tile only
+//! decides which pixels share a pass over the weights), depthwise runs per image, pooling sums each
+//! image's rows in the same order (tested in `tests/model_golden.rs`).
+
+use super::{Engine, Epilogue, Lap, Output, Scratch, clocked, grow, pw, tick};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+thread_local! {
+    /// A group's tail buffers.
+    static TAIL: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Largest map (pixels per image) a block's input may have for the block to run grouped: the
+/// 7×7 blocks at 224 px, the 4×4 ones at 128 px. With 8×8 maps (64) grouped as well, blocks 6–10
+/// at 128 px got slower (their expansions over a group no longer stay in L2).
+const GROUP_PX: usize = 49;
+/// Images per group at most: a 4×4 map's products run over 256 pixels. Per-layer clocks, one thread,
+/// thread-ms per image (fused alone → grouped by 4 / 8 / 16): 128 px 2.71–2.82 → 2.78 / 2.67 /
+/// 2.56; 224 px 8.65–8.90 → 8.11 / 8.06 / 7.86.
+const GROUP: usize = 16;
+
+impl Engine {
+    /// The first block of the grouped tail at `side` px: every block from it on has an input map
+    /// of at most [`GROUP_PX`] pixels (`blocks.len()`: none has).
+    pub(super) fn tail_start(&self, side: usize) -> usize {
+        let mut h = side / 2;
+        let mut start = self.blocks.len();
+        for (bi, b) in self.blocks.iter().enumerate() {
+            if h * h > GROUP_PX {
+                start = self.blocks.len();
+            } else if start == self.blocks.len() {
+                start = bi;
+            }
+            h = b.dw.out_side(h);
+        }
+        start
+    }
+
+    /// Images per group for a batch of `n` on `threads` threads (1: no grouping): only for pooled
+    /// features, with grouping on, at sides with a tail; at least four groups per thread, so that
+    /// a thread slowed by other work (the decoder) leaves the others little to wait for.
+    pub(super) fn group_size(
+        &self,
+        n: usize,
+        side: usize,
+        output: Output,
+        threads: usize,
+    ) -> usize {
+        if !self.grouped || output != Output::Pooled || self.tail_start(side) == self.blocks.len() {
+            return 1;
+        }
+        GROUP.min(n.div_ceil(4 * threads.max(1))).max(1)
+    }
+
+    /// Floats per image of the largest activation in the tail from block `from` (input `h`).
+    pub(super) fn tail_len(&self, from: usize, mut h: usize) -> usize {
+        let mut need = 0;
+        for b in &self.blocks[from..] {
+            need = need.max(h * h * b.dw.c);
+            h = b.dw.out_side(h);
+            need = need.max(h * h * b.dw.c.max(b.project.cout));
+        }
+        need.max(h * h * self.head.cout)
+    }
+
+    /// Blocks `from..` and the pooled head for `g` images whose activations (`[h][h][c]` each,
+    /// back to back) are in `s.a`; writes `g × 1280` pooled features to `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tail(
+        &self,
+        from: usize,
+        g: usize,
+        mut h: usize,
+        mut c: usize,
+        s: &mut Scratch,
+        out: &mut [f32],
+        lap: &mut Option<&mut Lap>,
+    ) {
+        let mut lap = lap.as_deref_mut();
+        for (bi, blk) in self.blocks.iter().enumerate().skip(from) {
+            let (px, stage) = (h * h, 1 + 3 * bi);
+            let cm = blk.dw.c;
+            let mid: &[f32] = match &blk.expand {
+                Some(e) => {
+                    pw(
+                        e,
+                        &s.a[..g * px * c],
+                        g * px,
+                        &mut s.b,
+                        Epilogue::Relu6,
+                        None,
+                    );
+                    &s.b[..g * px * cm]
+                }
+                None => &s.a[..g * px * c],
+            };
+            tick(&mut lap, stage);
+            let ho = blk.dw.out_side(h);
+            let opx = ho * ho;
+            for (x, o) in mid
+                .chunks_exact(px * cm)
+                .zip(s.c[..g * opx * cm].chunks_exact_mut(opx * cm))
+            {
+                blk.dw.run(x, h, h, o, None);
+            }
+            tick(&mut lap, stage + 1);
+            let x = &s.c[..g * opx * cm];
+            if blk.residual {
+                pw(
+                    &blk.project,
+                    x,
+                    g * opx,
+                    &mut s.a,
+                    Epilogue::Accumulate,
+                    None,
+                );
+            } else {
+                pw(&blk.project, x, g * opx, &mut s.b, Epilogue::Plain, None);
+                std::mem::swap(&mut s.a, &mut s.b);
+            }
+            tick(&mut lap, stage + 2);
+            (h, c) = (ho, blk.project.cout);
+        }
+        let (px, d) = (h * h, self.head.cout);
+        pw(
+            &self.head,
+            &s.a[..g * px * c],
+            g * px,
+            &mut s.b,
+            Epilogue::Relu6,
+            None,
+        );
+        let inv = 1.0 / px as f32;
+        for (f, o) in s.b[..g * px * d]
+            .chunks_exact(px * d)
+            .zip(out.chunks_exact_mut(d))
+        {
+            o.fill(0.0);
+            for row in f.chunks_exact(d) {
+                o.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+            }
+            o.iter_mut().for_each(|o| *o *= inv);
+        }
+        tick(&mut lap, 1 + 3 * self.blocks.len());
+    }
+
+    /// A batch of `n` images with its tail in groups of `g`: first every image's blocks before
+    /// the tail, one image per task (so that the threads stay balanced), into one buffer; then
+    /// the tail, one group per task. Writes `n × 1280` pooled features to `out`.
+    pub(super) fn grouped(
+        &self,
+        input: &[f32],
+        n: usize,
+        side: usize,
+        g: usize,
+        out: &mut [f32],
+        clock: Option<&Mutex<Vec<f64>>>,
+    ) {
+        let from = self.tail_start(side);
+        let [c, h, _] = self.output_shape(side, Output::BlocksNhwc(from));
+        let per = h * h * c;
+        let mut mid = vec![0f32; n * per];
+        mid.par_chunks_mut(per)
+            .zip(input.par_chunks(3 * side * side))
+            .for_each(|(m, x)| {
+                self.with_scratch(side, clock, |s, lap| {
+                    self.front(x, side, from, s, None, lap);
+                    m.copy_from_slice(&s.a[..per]);
+                })
+            });
+        let need = g * self.tail_len(from, h);
+        out.par_chunks_mut(g * self.head.cout)
+            .zip(mid.par_chunks(g * per))
+            .for_each(|(o, m)| {
+                TAIL.with(|t| {
+                    let t = &mut *t.borrow_mut();
+                    grow(&mut t.a, need);
+                    grow(&mut t.b, need);
+                    grow(&mut t.c, need);
+                    t.a[..m.len()].copy_from_slice(m);
+                    clocked(clock, self.stage_names().len(), |lap| {
+                        self.tail(from, m.len() / per, h, c, t, o, lap)
+                    });
+                })
+            });
+    }
+}
