@@ -400,3 +400,34 @@ fn grouped_tail_gives_the_one_image_bits() {
         }
     }
 }
+
+/// The stem's im2col equals the per-value definition (zero outside the image) at even and odd
+/// sides from 2 to 13.
+#[test]
+fn stem_im2col_equals_its_definition() {
+    use deeprank::cpu::engine::stem_im2col;
+    for side in 2usize..=13 {
+        let x: Vec<f32> = (0..3 * side * side).map(|i| i as f32 + 0.5).collect();
+        let ho = side / 2;
+        let mut col = vec![f32::NAN; ho * ho * 27];
+        stem_im2col(&x, side, &mut col);
+        for (p, r) in col.chunks_exact(27).enumerate() {
+            let (oy, ox) = (p / ho, p % ho);
+            for (t, v) in r.iter().enumerate() {
+                let (ci, ky, kx) = (t / 9, t / 3 % 3, t % 3);
+                let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                let inside = iy >= 0 && ix >= 0 && (iy as usize) < side && (ix as usize) < side;
+                let want = if inside {
+                    x[ci * side * side + iy as usize * side + ix as usize]
+                } else {
+                    0.0
+                };
+                assert_eq!(
+                    v.to_bits(),
+                    want.to_bits(),
+                    "side {side}, pixel {p}, tap {t}"
+                );
+            }
+        }
+    }
+}

@@ -140,24 +140,25 @@ struct Block {
 }
 
 /// The stem's im2col for one `[3][side][side]` image: `[ho·ho][27]` (ho = side/2; 3×3 stride 2,
-/// padding 1), burn's `[ci][ky][kx]` order; every value written (padding as 0).
+/// padding 1), burn's `[ci][ky][kx]` order; every value written (padding as 0). Only row −1 and
+/// column −1 are padding (the last output pixel's taps end at row and column 2·ho − 1 < side), so
+/// each output row copies three values per tap row, with no bounds test per value.
 pub fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
     let ho = side / 2;
     for oy in 0..ho {
-        for ox in 0..ho {
-            let r = &mut col[(oy * ho + ox) * 27..][..27];
-            for ci in 0..3 {
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let iy = (oy * 2 + ky) as isize - 1;
-                        let ix = (ox * 2 + kx) as isize - 1;
-                        r[ci * 9 + ky * 3 + kx] =
-                            if iy >= 0 && ix >= 0 && (iy as usize) < side && (ix as usize) < side {
-                                x[ci * side * side + iy as usize * side + ix as usize]
-                            } else {
-                                0.0
-                            };
-                    }
+        let rows = &mut col[oy * ho * 27..(oy + 1) * ho * 27];
+        for ci in 0..3 {
+            for ky in 0..3 {
+                let at = ci * 9 + ky * 3;
+                let Some(iy) = (2 * oy + ky).checked_sub(1) else {
+                    rows.chunks_exact_mut(27)
+                        .for_each(|r| r[at..at + 3].fill(0.0));
+                    continue;
+                };
+                let src = &x[(ci * side + iy) * side..][..side];
+                rows[at..at + 3].copy_from_slice(&[0.0, src[0], src[1]]);
+                for (ox, r) in rows.chunks_exact_mut(27).enumerate().skip(1) {
+                    r[at..at + 3].copy_from_slice(&src[2 * ox - 1..2 * ox + 2]);
                 }
             }
         }
