@@ -190,7 +190,7 @@ impl Engine {
                     grow(&mut t.b, need);
                     grow(&mut t.c, need);
                     t.a[..m.len()].copy_from_slice(m);
-                    clocked(clock, self.stage_names().len(), |lap| {
+                    clocked(clock, self.stages(), |lap| {
                         self.tail(from, m.len() / per, h, c, t, o, lap)
                     });
                 })
