@@ -32,6 +32,7 @@ use std::time::Instant;
 
 mod band;
 mod group;
+mod layers;
 
 use band::{band_rows, fused_block};
 
@@ -468,38 +469,14 @@ impl Engine {
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
         let (mut h, mut c) = (ho, self.stem.conv.cout);
         for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
-            let px = h * h;
-            let stage = 1 + 3 * bi;
             let band = band_rows(blk, h).filter(|_| self.fused && team.is_none());
             if let (Some(e), Some(band)) = (&blk.expand, band) {
                 h = fused_block(blk, e, band, h, c, s);
                 c = blk.project.cout;
-                tick(&mut lap, stage + 1);
+                tick(&mut lap, 2 + 3 * bi);
                 continue;
             }
-            let mid_src: &[f32] = match &blk.expand {
-                Some(e) => {
-                    pw(e, &s.a[..px * c], px, &mut s.b, Epilogue::Relu6, team);
-                    &s.b[..px * e.cout]
-                }
-                None => &s.a[..px * c],
-            };
-            tick(&mut lap, stage);
-            let ho = blk.dw.out_side(h);
-            blk.dw
-                .run(mid_src, h, h, &mut s.c[..ho * ho * blk.dw.c], team);
-            tick(&mut lap, stage + 1);
-            let opx = ho * ho;
-            if blk.residual {
-                let x = &s.c[..opx * blk.dw.c];
-                pw(&blk.project, x, opx, &mut s.a, Epilogue::Accumulate, team);
-            } else {
-                let x = &s.c[..opx * blk.dw.c];
-                pw(&blk.project, x, opx, &mut s.b, Epilogue::Plain, team);
-                std::mem::swap(&mut s.a, &mut s.b);
-            }
-            tick(&mut lap, stage + 2);
-            h = ho;
+            h = self.block_layers(bi, 1, h, c, s, team, &mut lap);
             c = blk.project.cout;
         }
         (h, c)
@@ -530,25 +507,7 @@ impl Engine {
                     }
                 }
             }
-            Output::Pooled => {
-                let px = h * h;
-                pw(
-                    &self.head,
-                    &s.a[..px * c],
-                    px,
-                    &mut s.b,
-                    Epilogue::Relu6,
-                    team,
-                );
-                let f = &s.b[..px * self.head.cout];
-                out.fill(0.0);
-                for row in f.chunks_exact(self.head.cout) {
-                    out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-                }
-                let inv = 1.0 / px as f32;
-                out.iter_mut().for_each(|o| *o *= inv);
-                tick(&mut lap, 1 + 3 * self.blocks.len());
-            }
+            Output::Pooled => self.head_pool(1, h, c, out, s, team, &mut lap),
         }
     }
 }

@@ -12,7 +12,7 @@
 //! decides which pixels share a pass over the weights), depthwise runs per image, pooling sums each
 //! image's rows in the same order (tested in `tests/model_golden.rs`).
 
-use super::{Engine, Epilogue, Lap, Output, Scratch, clocked, grow, pw, tick};
+use super::{Engine, Lap, Output, Scratch, clocked, grow};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -88,72 +88,11 @@ impl Engine {
         out: &mut [f32],
         lap: &mut Option<&mut Lap>,
     ) {
-        let mut lap = lap.as_deref_mut();
-        for (bi, blk) in self.blocks.iter().enumerate().skip(from) {
-            let (px, stage) = (h * h, 1 + 3 * bi);
-            let cm = blk.dw.c;
-            let mid: &[f32] = match &blk.expand {
-                Some(e) => {
-                    pw(
-                        e,
-                        &s.a[..g * px * c],
-                        g * px,
-                        &mut s.b,
-                        Epilogue::Relu6,
-                        None,
-                    );
-                    &s.b[..g * px * cm]
-                }
-                None => &s.a[..g * px * c],
-            };
-            tick(&mut lap, stage);
-            let ho = blk.dw.out_side(h);
-            let opx = ho * ho;
-            for (x, o) in mid
-                .chunks_exact(px * cm)
-                .zip(s.c[..g * opx * cm].chunks_exact_mut(opx * cm))
-            {
-                blk.dw.run(x, h, h, o, None);
-            }
-            tick(&mut lap, stage + 1);
-            let x = &s.c[..g * opx * cm];
-            if blk.residual {
-                pw(
-                    &blk.project,
-                    x,
-                    g * opx,
-                    &mut s.a,
-                    Epilogue::Accumulate,
-                    None,
-                );
-            } else {
-                pw(&blk.project, x, g * opx, &mut s.b, Epilogue::Plain, None);
-                std::mem::swap(&mut s.a, &mut s.b);
-            }
-            tick(&mut lap, stage + 2);
-            (h, c) = (ho, blk.project.cout);
+        for bi in from..self.blocks.len() {
+            h = self.block_layers(bi, g, h, c, s, None, lap);
+            c = self.blocks[bi].project.cout;
         }
-        let (px, d) = (h * h, self.head.cout);
-        pw(
-            &self.head,
-            &s.a[..g * px * c],
-            g * px,
-            &mut s.b,
-            Epilogue::Relu6,
-            None,
-        );
-        let inv = 1.0 / px as f32;
-        for (f, o) in s.b[..g * px * d]
-            .chunks_exact(px * d)
-            .zip(out.chunks_exact_mut(d))
-        {
-            o.fill(0.0);
-            for row in f.chunks_exact(d) {
-                o.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-            }
-            o.iter_mut().for_each(|o| *o *= inv);
-        }
-        tick(&mut lap, 1 + 3 * self.blocks.len());
+        self.head_pool(g, h, c, out, s, None, lap);
     }
 
     /// A batch of `n` images with its tail in groups of `g`: first every image's blocks before
