@@ -30,28 +30,69 @@ pub fn gemm_rm(
     accumulate: bool,
     threaded: bool,
 ) {
+    let [m, n, _] = dims;
+    assert!(dst.len() >= m * n);
+    // SAFETY: `dst` is an exclusively borrowed slice of at least m·n floats.
+    unsafe {
+        gemm_ptr(
+            dst.as_mut_ptr(),
+            dims,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            accumulate,
+            threaded,
+        )
+    }
+}
+
+/// [`gemm_rm`] into a raw destination.
+///
+/// # Safety
+/// `dst` points to m·n writable floats that nothing else reads or writes meanwhile; they may be
+/// uninitialised when not `accumulate` (the product then writes every one and reads none).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_ptr(
+    dst: *mut f32,
+    dims: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [isize; 2],
+    rhs: &[f32],
+    rhs_strides: [isize; 2],
+    accumulate: bool,
+    threaded: bool,
+) {
     let [m, n, k] = dims;
     // The layouts used here are dense: every operand holds exactly its product of dimensions.
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    assert!(lhs.len() >= m * k && rhs.len() >= n * k);
     let [lrs, lcs] = lhs_strides;
     let [rrs, rcs] = rhs_strides;
     let far = |rs: isize, cs: isize, r: usize, c: usize| {
         (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
     };
     assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
+    if k == 0 {
+        // An empty sum: nothing to add, or zeros to write.
+        if !accumulate {
+            // SAFETY: `dst` holds m·n writable floats (the caller's promise).
+            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
+        }
+        return;
+    }
     let par = if threaded {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
     // SAFETY: every element the strides reach is inside its slice (checked above); the
-    // destination is a distinct, exclusively borrowed slice.
+    // destination is as the caller promises.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -71,50 +112,46 @@ pub fn gemm_rm(
     }
 }
 
+/// A new `[m][n]` matrix `lhs · rhs` (threaded), written by the product itself: no zero-filling
+/// pass over a buffer the product overwrites anyway.
+fn product(
+    dims: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [isize; 2],
+    rhs: &[f32],
+    rhs_strides: [isize; 2],
+) -> Vec<f32> {
+    let len = dims[0] * dims[1];
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the vector's spare capacity holds `len` floats, owned here; a product that does not
+    // accumulate writes all of them and reads none, so they are initialised for `set_len`.
+    unsafe {
+        gemm_ptr(
+            out.as_mut_ptr(),
+            dims,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            false,
+            true,
+        );
+        out.set_len(len);
+    }
+    out
+}
+
 /// `x[rows][k] · w[n][k]ᵀ` → `[rows][n]` (a 1×1 convolution forward).
 pub fn matmul_nt(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
-    gemm_rm(
-        &mut out,
-        [rows, n, k],
-        x,
-        [k as isize, 1],
-        w,
-        [1, k as isize],
-        false,
-        true,
-    );
-    out
+    product([rows, n, k], x, [k as isize, 1], w, [1, k as isize])
 }
 
 /// `d[rows][n] · w[n][k]` → `[rows][k]` (a 1×1 convolution's input gradient).
 pub fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * k];
-    gemm_rm(
-        &mut out,
-        [rows, k, n],
-        d,
-        [n as isize, 1],
-        w,
-        [k as isize, 1],
-        false,
-        true,
-    );
-    out
+    product([rows, k, n], d, [n as isize, 1], w, [k as isize, 1])
 }
 
 /// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
 pub fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * k];
-    gemm_rm(
-        &mut out,
-        [n, k, rows],
-        d,
-        [1, n as isize],
-        x,
-        [k as isize, 1],
-        false,
-        true,
-    );
-    out
+    product([n, k, rows], d, [1, n as isize], x, [k as isize, 1])
 }

@@ -471,26 +471,20 @@ fn norm_forward(
     train: bool,
     relu6: bool,
 ) -> (NormTape, Vec<f32>) {
-    let rows = z.len() / c;
     let (mean, var, batch) = if train {
-        // Mean and (biased) variance in one pass, from f64 sums of x and x².
-        let (s1, s2) = col_moments(&z, c);
-        let r = rows as f64;
-        let m: Vec<f32> = s1.iter().map(|s| (s / r) as f32).collect();
-        let v: Vec<f32> = s1
-            .iter()
-            .zip(&s2)
-            .map(|(a, b)| ((b / r) - (a / r) * (a / r)).max(0.0) as f32)
-            .collect();
+        let (m, v) = col_moments(&z, c);
         (m.clone(), v.clone(), Some((m, v)))
     } else {
         (bn.mean.clone(), bn.var.clone(), None)
     };
     let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-    let mut a = vec![0f32; z.len()];
+    let len = z.len();
+    let mut a = Vec::with_capacity(len);
     z.par_chunks_mut(ROWS_PER_TASK * c)
-        .zip(a.par_chunks_mut(ROWS_PER_TASK * c))
+        .zip(a.spare_capacity_mut()[..len].par_chunks_mut(ROWS_PER_TASK * c))
         .for_each(|(zc, ac)| norm_rows(zc, ac, c, &mean, &invstd, &bn.gamma, &bn.beta, relu6));
+    // SAFETY: `norm_rows` wrote every one of the `len` floats (whole rows in every chunk).
+    unsafe { a.set_len(len) };
     (
         NormTape {
             xhat: z,
