@@ -1,5 +1,5 @@
-//! Depthwise convolution kernels, channels-last with tap-major weights `[k·k][c]`: the forward pass
-//! (bias and ReLU6 fused) and the backward pass of one image.
+//! Depthwise convolution forward kernels, channels-last with tap-major weights `[k·k][c]` (bias and
+//! ReLU6 fused). The backward pass is in [`crate::cpu::depthwise_back`].
 
 use crate::cpu::simd::{madd, multiversion};
 use std::ops::Range;
@@ -124,60 +124,6 @@ fn dw_generic<const FMA: bool>(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) 
             while c0 < c {
                 dw_pixel::<1, FMA>(a, c0, ky.clone(), kx.clone(), iy0, ix0, &mut o[c0..]);
                 c0 += 1;
-            }
-        }
-    }
-}
-
-/// One image's depthwise backward: its input `[h][h][c]`, the output gradient `[ho][ho][c]`, the
-/// tap-major weights.
-pub struct DwBack<'a> {
-    pub x: &'a [f32],
-    pub dz: &'a [f32],
-    pub h: usize,
-    pub ho: usize,
-    pub c: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub wt: &'a [f32],
-}
-
-multiversion!(pub fn dw_back_one => dw_back::<FMA>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]));
-
-/// Adds one image's weight gradient to `dw` and (unless `dx` is empty) writes its input gradient.
-#[inline(always)]
-fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
-    let (k, s, c, h) = (a.k, a.stride, a.c, a.h);
-    let p = (k / 2) as isize;
-    let need_dx = !dx.is_empty();
-    for oy in 0..a.ho {
-        for ox in 0..a.ho {
-            let g = &a.dz[(oy * a.ho + ox) * c..][..c];
-            for ky in 0..k {
-                let iy = (oy * s + ky) as isize - p;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..k {
-                    let ix = (ox * s + kx) as isize - p;
-                    if ix < 0 || ix >= h as isize {
-                        continue;
-                    }
-                    let off = (iy as usize * h + ix as usize) * c;
-                    let tap = (ky * k + kx) * c;
-                    let xin = &a.x[off..off + c];
-                    let dwr = &mut dw[tap..tap + c];
-                    for j in 0..c {
-                        dwr[j] = madd::<FMA>(dwr[j], g[j], xin[j]);
-                    }
-                    if need_dx {
-                        let wr = &a.wt[tap..tap + c];
-                        let dxr = &mut dx[off..off + c];
-                        for j in 0..c {
-                            dxr[j] = madd::<FMA>(dxr[j], g[j], wr[j]);
-                        }
-                    }
-                }
             }
         }
     }

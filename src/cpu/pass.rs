@@ -10,7 +10,8 @@
 //! (the training glue, `train/glue.rs`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
-use crate::cpu::depthwise::{DwArgs, DwBack, depthwise, dw_back_one};
+use crate::cpu::depthwise::{DwArgs, depthwise};
+use crate::cpu::depthwise_back::{DwBack, dw_back_one};
 use crate::cpu::engine::{self, Engine, Output};
 use crate::cpu::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::cpu::norm::{ROWS_PER_TASK, col_moments, masked_col_dot, norm_back_rows, norm_rows};
@@ -22,6 +23,7 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 struct Bn {
     gamma: Vec<f32>,
@@ -308,15 +310,12 @@ impl Backbone {
         let c = hd.cout();
         let px = tape.head_side * tape.head_side;
         // Pooling: every pixel gets 1/px of its image's gradient.
-        let mut da = vec![0f32; n * px * c];
-        da.par_chunks_mut(px * c)
-            .zip(d_pooled.par_chunks(c))
-            .for_each(|(img, g)| {
-                let inv = 1.0 / px as f32;
-                for row in img.chunks_exact_mut(c) {
-                    row.iter_mut().zip(g).for_each(|(o, v)| *o = v * inv);
-                }
-            });
+        let da = per_image(n, px * c, |i, img| {
+            let (g, inv) = (&d_pooled[i * c..(i + 1) * c], 1.0 / px as f32);
+            for row in img.chunks_exact_mut(c) {
+                row.iter_mut().zip(g).for_each(|(o, v)| *o = v * inv);
+            }
+        });
         let dz = self.norm_backward(hd, &tape.head, da, true, &mut out);
         out.push_weight(hd, matmul_tn(&dz, n * px, c, &tape.head_x, hd.cin()));
         let stem_trains = matches!(self.below, Below::Stem(_));
@@ -454,12 +453,36 @@ impl Backward {
 
 /// The stem's im2col for a batch: `[n·ho·ho][27]` ([`engine::stem_im2col`] per image, threaded).
 fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
-    let ho = side / 2;
-    let mut col = vec![0f32; n * ho * ho * 27];
-    col.par_chunks_mut(ho * ho * 27)
-        .zip(x.par_chunks(3 * side * side))
-        .for_each(|(c, img)| engine::stem_im2col(img, side, c));
-    col
+    let (ho, per) = (side / 2, 3 * side * side);
+    per_image(n, ho * ho * 27, |i, c| {
+        engine::stem_im2col(&x[i * per..(i + 1) * per], side, c)
+    })
+}
+
+/// A new vector of `n` images of `per` floats, each image's part zero-filled by the thread that
+/// then hands it to `f` (with its index) while it is in that core's cache: no serial zero-filling
+/// pass over the whole buffer first.
+fn per_image(n: usize, per: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let len = n * per;
+    let mut v = Vec::with_capacity(len);
+    if len > 0 {
+        v.spare_capacity_mut()[..len]
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, part)| f(i, zeroed(part)));
+    }
+    // SAFETY: every one of the `len` floats was zero-filled by `zeroed` (the chunks cover them).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Zero-fills `part` and gives it back initialised.
+fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    part.iter_mut().for_each(|v| {
+        v.write(0.0);
+    });
+    // SAFETY: every element was just written; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
@@ -499,26 +522,22 @@ fn norm_forward(
 fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32> {
     let c = conv.cout();
     let zeros = vec![0f32; c];
-    let mut out = vec![0f32; n * ho * ho * c];
-    out.par_chunks_mut(ho * ho * c)
-        .zip(x.par_chunks(h * h * c))
-        .for_each(|(o, img)| {
-            let a = DwArgs {
-                x: img,
-                y0: 0,
-                h,
-                w: h,
-                c,
-                k: conv.dims[2],
-                stride: conv.stride,
-                wt: &conv.w,
-                bias: &zeros,
-                relu6: false,
-            };
-            depthwise(&a, o);
-        });
     debug_assert_eq!(n * h * h * c, x.len());
-    out
+    per_image(n, ho * ho * c, |i, o| {
+        let a = DwArgs {
+            x: &x[i * h * h * c..(i + 1) * h * h * c],
+            y0: 0,
+            h,
+            w: h,
+            c,
+            k: conv.dims[2],
+            stride: conv.stride,
+            wt: &conv.w,
+            bias: &zeros,
+            relu6: false,
+        };
+        depthwise(&a, o);
+    })
 }
 
 /// Depthwise convolution backward: the input gradient (when `need_dx`) and the tap-major weight
@@ -534,8 +553,9 @@ fn dw_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let c = conv.cout();
     let k = conv.dims[2];
-    let mut dx = vec![0f32; if need_dx { n * h * h * c } else { 0 }];
     let per_in = h * h * c;
+    let len = if need_dx { n * per_in } else { 0 };
+    let mut dx = Vec::with_capacity(len);
     let per_out = ho * ho * c;
     let job = |img: usize, dxi: &mut [f32], dw: &mut [f32]| {
         let a = DwBack {
@@ -555,14 +575,18 @@ fn dw_backward(
         a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
         a
     };
-    let dw = if need_dx {
-        dx.par_chunks_mut(per_in)
+    let dw = if need_dx && len > 0 {
+        let dw = dx.spare_capacity_mut()[..len]
+            .par_chunks_mut(per_in)
             .enumerate()
             .fold(zero, |mut dw, (img, dxi)| {
-                job(img, dxi, &mut dw);
+                job(img, zeroed(dxi), &mut dw);
                 dw
             })
-            .reduce(zero, add)
+            .reduce(zero, add);
+        // SAFETY: every one of the `len` floats was zero-filled by `zeroed` (the chunks cover them).
+        unsafe { dx.set_len(len) };
+        dw
     } else {
         (0..n)
             .into_par_iter()
