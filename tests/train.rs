@@ -781,6 +781,15 @@ fn fast_backbone_pass_matches_burns_autodiff() {
             (model, grads, lv)
         };
         let (m_fast, g_fast, l_fast) = step(true);
+        // Again, on the first pass's buffers kept for reuse, poisoned: nothing may read a value
+        // it did not write first, so the results are the same bits.
+        deeprank::cpu::pool::poison();
+        let (m_again, g_again, l_again) = step(true);
+        assert_eq!(
+            l_again.to_bits(),
+            l_fast.to_bits(),
+            "{backbone:?}: loss on reused buffers"
+        );
         let (m_burn, g_burn, l_burn) = step(false);
         assert!(l_burn > 0.0, "the test needs a non-zero loss");
         assert!(
@@ -913,6 +922,32 @@ fn fast_backbone_pass_matches_burns_autodiff() {
             checked >= 1 && nonzero >= 1,
             "{backbone:?} freeze {freeze}: nothing compared"
         );
+        // Every backbone weight's gradient, the same bits on the reused buffers.
+        let weight_grads = |m: &deeprank::model::net::EmbedNet,
+                            g: &burn::optim::GradientsParams| {
+            let b = &m.backbone;
+            let mut convs = vec![&b.conv_head, &b.conv_stem];
+            for blk in &b.blocks {
+                convs.extend(blk.expand_conv.iter());
+                convs.extend([&blk.depthwise_conv, &blk.project_conv]);
+            }
+            convs
+                .into_iter()
+                .filter_map(|c| g.get::<4>(c.weight.id).map(vals4))
+                .collect::<Vec<_>>()
+        };
+        let (ga, gf) = (
+            weight_grads(&m_again, &g_again),
+            weight_grads(&m_fast, &g_fast),
+        );
+        assert!(!gf.is_empty() && ga.len() == gf.len());
+        for (i, (a, f)) in ga.iter().zip(&gf).enumerate() {
+            let same = a.iter().zip(f).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(
+                same,
+                "{backbone:?} freeze {freeze}: weight grad {i} on reused buffers"
+            );
+        }
         // Nothing frozen got a gradient.
         assert_eq!(
             g_fast

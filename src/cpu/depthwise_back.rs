@@ -8,7 +8,9 @@
 //! time, with the tap weights in registers. The portable kernel scatters from each output pixel
 //! and loads and stores both sums for every tap.
 
+use crate::cpu::pool::zeroed;
 use crate::cpu::simd::{madd, multiversion};
+use std::mem::MaybeUninit;
 
 /// One image's depthwise backward: its input `[h][h][c]`, the output gradient `[ho][ho][c]`, the
 /// tap-major weights.
@@ -66,8 +68,8 @@ fn dw_back<const FMA: bool>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
 }
 
 /// Adds one image's weight gradient to `dw` (`[k·k][c]`) and, unless `dx` is empty, writes its input
-/// gradient to `dx` (`[h][h][c]`, zero-filled by the caller).
-pub fn dw_back_one(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+/// gradient to `dx` (`[h][h][c]`, every value).
+pub fn dw_back_one(a: &DwBack, dx: &mut [MaybeUninit<f32>], dw: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if a.c.is_multiple_of(16)
         && (a.k == 3 || a.k == 5)
@@ -81,11 +83,12 @@ pub fn dw_back_one(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
             a.ho == (a.h + 2 * (a.k / 2) - a.k) / a.stride + 1,
             "ho does not follow from h"
         );
-        // SAFETY: the CPU has AVX-512F; the slices hold the whole images (asserted).
-        unsafe { avx512::back(a, dx, dw) };
+        // SAFETY: the CPU has AVX-512F; the slices hold the whole images (asserted); the kernel
+        // writes every value of `dx` and reads none.
+        unsafe { avx512::back(a, dx.as_mut_ptr().cast(), dx.is_empty(), dw) };
         return;
     }
-    dw_back_portable(a, dx, dw)
+    dw_back_portable(a, zeroed(dx), dw)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,25 +97,30 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn back(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    pub(super) unsafe fn back(a: &DwBack, dx: *mut f32, no_dx: bool, dw: &mut [f32]) {
         // SAFETY (all calls): the caller checked every slice against the image's shape.
         unsafe {
             match (a.k, a.stride) {
-                (3, 1) => both::<3, 1>(a, dx, dw),
-                (3, 2) => both::<3, 2>(a, dx, dw),
-                (5, 1) => both::<5, 1>(a, dx, dw),
-                (5, 2) => both::<5, 2>(a, dx, dw),
+                (3, 1) => both::<3, 1>(a, dx, no_dx, dw),
+                (3, 2) => both::<3, 2>(a, dx, no_dx, dw),
+                (5, 1) => both::<5, 1>(a, dx, no_dx, dw),
+                (5, 2) => both::<5, 2>(a, dx, no_dx, dw),
                 _ => unreachable!("dispatched for k 3 or 5, stride 1 or 2 only"),
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn both<const K: usize, const S: usize>(a: &DwBack, dx: &mut [f32], dw: &mut [f32]) {
+    unsafe fn both<const K: usize, const S: usize>(
+        a: &DwBack,
+        dx: *mut f32,
+        no_dx: bool,
+        dw: &mut [f32],
+    ) {
         unsafe {
             weights::<K, S>(a, dw.as_mut_ptr());
-            if !dx.is_empty() {
-                input::<K, S>(a, dx.as_mut_ptr());
+            if !no_dx {
+                input::<K, S>(a, dx);
             }
         }
     }
@@ -299,7 +307,7 @@ mod tests {
 
     /// The dispatched kernel (AVX-512 where the CPU has it) against the portable one, for every
     /// kernel size and stride of the network and sides from 1 to 13 (maps smaller than the kernel,
-    /// odd sides, all-border maps), with and without the input gradient. The fast kernel must
+    /// odd sides, all-border maps), with and without the input gradient. The dispatched kernel must
     /// write every input-gradient value (its buffer starts as NaN) and add to `dw`.
     #[test]
     fn fast_backward_equals_the_portable_one() {
@@ -331,9 +339,13 @@ mod tests {
                         };
                         for with_dx in [true, false] {
                             let n = if with_dx { h * h * c } else { 0 };
-                            let (mut fdx, mut sdx) = (vec![f32::NAN; n], vec![0f32; n]);
+                            let (mut fdx, mut sdx) =
+                                (vec![MaybeUninit::new(f32::NAN); n], vec![0f32; n]);
                             let (mut fdw, mut sdw) = (dw0.clone(), dw0.clone());
                             dw_back_one(&a, &mut fdx, &mut fdw);
+                            // SAFETY: every element was initialised (NaN, then the kernel's values).
+                            let fdx: Vec<f32> =
+                                fdx.iter().map(|v| unsafe { v.assume_init() }).collect();
                             dw_back_portable(&a, &mut sdx, &mut sdw);
                             let what = format!("k{k} s{stride} {h}×{h}×{c} dx={with_dx}");
                             for (i, (f, s)) in fdx.iter().zip(&sdx).enumerate() {

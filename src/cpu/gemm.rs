@@ -122,7 +122,7 @@ fn product(
     rhs_strides: [isize; 2],
 ) -> Vec<f32> {
     let len = dims[0] * dims[1];
-    let mut out = Vec::with_capacity(len);
+    let mut out = crate::cpu::pool::take(len);
     // SAFETY: the vector's spare capacity holds `len` floats, owned here; a product that does not
     // accumulate writes all of them and reads none, so they are initialised for `set_len`.
     unsafe {

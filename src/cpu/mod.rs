@@ -12,5 +12,6 @@ pub mod l2;
 pub mod norm;
 pub mod pass;
 pub mod pointwise;
+pub mod pool;
 pub mod simd;
 pub mod team;

@@ -15,6 +15,7 @@ use crate::cpu::depthwise_back::{DwBack, dw_back_one};
 use crate::cpu::engine::{self, Engine, Output};
 use crate::cpu::gemm::{matmul_nn, matmul_nt, matmul_tn};
 use crate::cpu::norm::{ROWS_PER_TASK, col_moments, masked_col_dot, norm_back_rows, norm_rows};
+use crate::cpu::pool::{self, give_all, per_image};
 use crate::model::device::{device, to_vec as host};
 use crate::model::lite::Lite;
 use anyhow::{Result, bail};
@@ -237,7 +238,11 @@ impl Backbone {
                 let [_, hh, _] = engine.output_shape(side, out);
                 (engine.run(input, n, side, out), hh, None)
             }
-            Below::Given => (input.to_vec(), side, None),
+            Below::Given => {
+                let mut x = pool::take(input.len());
+                x.extend_from_slice(input);
+                (x, side, None)
+            }
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
@@ -289,6 +294,7 @@ impl Backbone {
                 let inv = 1.0 / px as f32;
                 p.iter_mut().for_each(|o| *o *= inv);
             });
+        pool::give(a);
         let tape = Tape {
             n,
             stem,
@@ -325,12 +331,15 @@ impl Backbone {
         } else {
             Vec::new()
         };
+        give_all([dz, tape.head_x, tape.head.xhat]);
         for (i, (b, t)) in self.blocks.iter().zip(tape.blocks).enumerate().rev() {
             let first = i == 0 && !stem_trains;
             let rows_out = n * t.side_out * t.side_out;
             let rows_in = n * t.side_in * t.side_in;
             let d_res = if b.residual && !first {
-                Some(dx.clone())
+                let mut r = pool::take(dx.len());
+                r.extend_from_slice(&dx);
+                Some(r)
             } else {
                 None
             };
@@ -339,37 +348,42 @@ impl Backbone {
             let dz = self.norm_backward(p, &t.t3, dx, false, &mut out);
             out.push_weight(p, matmul_tn(&dz, rows_out, p.cout(), &t.a2, p.cin()));
             let da2 = matmul_nn(&dz, rows_out, p.cout(), &p.w, p.cin());
-            drop(dz);
+            give_all([dz, t.a2, t.t3.xhat]);
             // Depthwise.
             let dz = self.norm_backward(&b.dw, &t.t2, da2, true, &mut out);
             let src = t.a1.as_deref().unwrap_or(&t.x);
             let need_src_grad = b.expand.is_some() || !first;
             let (da1, dw) = dw_backward(&b.dw, src, &dz, n, t.side_in, t.side_out, need_src_grad);
             out.push_weight(&b.dw, dw);
-            drop(dz);
+            give_all([dz, t.t2.xhat]);
             // Expand.
             dx = match (&b.expand, t.t1) {
                 (Some(e), Some(t1)) => {
                     let dz = self.norm_backward(e, &t1, da1, true, &mut out);
                     out.push_weight(e, matmul_tn(&dz, rows_in, e.cout(), &t.x, e.cin()));
-                    if first {
+                    let dx = if first {
                         Vec::new()
                     } else {
                         matmul_nn(&dz, rows_in, e.cout(), &e.w, e.cin())
-                    }
+                    };
+                    give_all([dz, t1.xhat]);
+                    dx
                 }
                 _ => da1,
             };
+            give_all([t.x, t.a1.unwrap_or_default()]);
             if let Some(r) = d_res {
                 dx.par_iter_mut()
                     .zip(r.par_iter())
                     .for_each(|(o, v)| *o += v);
+                pool::give(r);
             }
         }
         if let (Below::Stem(stem), Some((col, t))) = (&self.below, tape.stem) {
             let dz = self.norm_backward(stem, &t, dx, true, &mut out);
             let rows = col.len() / 27;
             out.push_weight(stem, matmul_tn(&dz, rows, stem.cout(), &col, 27));
+            give_all([dz, col, t.xhat]);
         }
         out
     }
@@ -459,32 +473,6 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
     })
 }
 
-/// A new vector of `n` images of `per` floats, each image's part zero-filled by the thread that
-/// then hands it to `f` (with its index) while it is in that core's cache: no serial zero-filling
-/// pass over the whole buffer first.
-fn per_image(n: usize, per: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let len = n * per;
-    let mut v = Vec::with_capacity(len);
-    if len > 0 {
-        v.spare_capacity_mut()[..len]
-            .par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(i, part)| f(i, zeroed(part)));
-    }
-    // SAFETY: every one of the `len` floats was zero-filled by `zeroed` (the chunks cover them).
-    unsafe { v.set_len(len) };
-    v
-}
-
-/// Zero-fills `part` and gives it back initialised.
-fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    part.iter_mut().for_each(|v| {
-        v.write(0.0);
-    });
-    // SAFETY: every element was just written; `MaybeUninit<f32>` has `f32`'s layout.
-    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
-}
-
 /// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
 /// `γ·x̂ + β` (ReLU6'd when `relu6`).
 fn norm_forward(
@@ -502,7 +490,7 @@ fn norm_forward(
     };
     let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
     let len = z.len();
-    let mut a = Vec::with_capacity(len);
+    let mut a = pool::take(len);
     z.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(a.spare_capacity_mut()[..len].par_chunks_mut(ROWS_PER_TASK * c))
         .for_each(|(zc, ac)| norm_rows(zc, ac, c, &mean, &invstd, &bn.gamma, &bn.beta, relu6));
@@ -555,9 +543,9 @@ fn dw_backward(
     let k = conv.dims[2];
     let per_in = h * h * c;
     let len = if need_dx { n * per_in } else { 0 };
-    let mut dx = Vec::with_capacity(len);
+    let mut dx = pool::take(len);
     let per_out = ho * ho * c;
-    let job = |img: usize, dxi: &mut [f32], dw: &mut [f32]| {
+    let job = |img: usize, dxi: &mut [MaybeUninit<f32>], dw: &mut [f32]| {
         let a = DwBack {
             x: &x[img * per_in..(img + 1) * per_in],
             dz: &dz[img * per_out..(img + 1) * per_out],
@@ -580,11 +568,11 @@ fn dw_backward(
             .par_chunks_mut(per_in)
             .enumerate()
             .fold(zero, |mut dw, (img, dxi)| {
-                job(img, zeroed(dxi), &mut dw);
+                job(img, dxi, &mut dw);
                 dw
             })
             .reduce(zero, add);
-        // SAFETY: every one of the `len` floats was zero-filled by `zeroed` (the chunks cover them).
+        // SAFETY: `dw_back_one` wrote every float of every image's part (the chunks cover them).
         unsafe { dx.set_len(len) };
         dw
     } else {

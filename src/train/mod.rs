@@ -162,6 +162,8 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     while state.epoch < cfg.epochs {
         let t_epoch = Instant::now();
         model = run_epoch(&l, model, &mut optim, &mut state)?;
+        // The CPU pass's kept buffers: an epoch's last, smaller batch leaves some that fit no step.
+        crate::cpu::pool::clear();
         end_epoch(&l, &model, &optim, &mut state, t_epoch)?;
     }
     Ok(TrainSummary {
