@@ -34,7 +34,7 @@ mod band;
 mod group;
 mod layers;
 
-use band::{band_rows, fused_block};
+use band::{band_rows, fused_block, fused_block_team};
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
@@ -227,7 +227,8 @@ pub struct Engine {
     stem: Stem,
     blocks: Vec<Block>,
     head: Pointwise,
-    /// Blocks with an expansion run band by band when one thread has the image (module docs).
+    /// Blocks with an expansion run band by band (module docs); over a team, each thread its part
+    /// of the output rows.
     fused: bool,
     /// A batch's small-map blocks run over groups of images (`group.rs`).
     grouped: bool,
@@ -469,9 +470,12 @@ impl Engine {
         // Blocks: the activation lives in `a`; `b` and `c` are the expansion and depthwise outputs.
         let (mut h, mut c) = (ho, self.stem.conv.cout);
         for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
-            let band = band_rows(blk, h).filter(|_| self.fused && team.is_none());
+            let band = band_rows(blk, h).filter(|_| self.fused);
             if let (Some(e), Some(band)) = (&blk.expand, band) {
-                h = fused_block(blk, e, band, h, c, s);
+                h = match team {
+                    Some(t) => fused_block_team(blk, e, band, h, c, s, t),
+                    None => fused_block(blk, e, band, h, c, s),
+                };
                 c = blk.project.cout;
                 tick(&mut lap, 2 + 3 * bi);
                 continue;

@@ -1,9 +1,14 @@
 //! Fused blocks (see the engine's module docs): an MBConv block with an expansion, one image on
-//! this thread, run band by band of output rows so that the 6× wide middle stays in L2.
+//! this thread, run band by band of output rows so that the 6× wide middle stays in L2; a lone
+//! image's block over a team splits its output rows between the threads, each running its part
+//! band by band.
 
 use super::{Block, Scratch, grow};
 use crate::cpu::depthwise::depthwise_rows;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
+use crate::cpu::team::{SharedOut, Team};
+use std::cell::RefCell;
+use std::ops::Range;
 
 /// Bytes of expanded input rows a fused block's band aims at (see the module docs): a quarter of
 /// a core's L2, which also holds the band's depthwise output, the block's input and its weights.
@@ -29,8 +34,7 @@ pub(super) fn band_rows(blk: &Block, h: usize) -> Option<usize> {
 }
 
 /// One block with an expansion on this thread, `band` output rows at a time (module docs): input
-/// `[h][h][c]` in `s.a`, output in `s.a` (swapped in from `s.b` unless the block adds its input
-/// in place). Returns the output side.
+/// `[h][h][c]` in `s.a`, output in `s.a` (swapped in from `s.b`). Returns the output side.
 pub(super) fn fused_block(
     blk: &Block,
     e: &Pointwise,
@@ -39,44 +43,123 @@ pub(super) fn fused_block(
     c: usize,
     s: &mut Scratch,
 ) -> usize {
+    let ho = blk.dw.out_side(h);
+    let len = ho * ho * blk.project.cout;
+    grow(&mut s.b, len);
+    if blk.residual {
+        s.b[..len].copy_from_slice(&s.a[..len]);
+    }
+    let x = &s.a[..h * h * c];
+    bands(
+        blk,
+        e,
+        band,
+        h,
+        c,
+        x,
+        0..ho,
+        &mut s.b[..len],
+        &mut s.e,
+        &mut s.d,
+    );
+    std::mem::swap(&mut s.a, &mut s.b);
+    ho
+}
+
+thread_local! {
+    /// A team thread's band buffers (expanded rows, depthwise output) for [`fused_block_team`].
+    static BAND: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`fused_block`] for a lone image over `team`: the output rows in one contiguous part per thread,
+/// each run band by band with that thread's own band buffers. A part expands the input rows its
+/// output rows read, so the few rows around a cut are expanded by both parts; each value is
+/// computed as [`fused_block`] computes it.
+pub(super) fn fused_block_team(
+    blk: &Block,
+    e: &Pointwise,
+    band: usize,
+    h: usize,
+    c: usize,
+    s: &mut Scratch,
+    team: &Team,
+) -> usize {
+    let (ho, co) = (blk.dw.out_side(h), blk.project.cout);
+    let len = ho * ho * co;
+    grow(&mut s.b, len);
+    if blk.residual {
+        s.b[..len].copy_from_slice(&s.a[..len]);
+    }
+    let parts = team.threads().min(ho);
+    let x = &s.a[..h * h * c];
+    let out = SharedOut(s.b.as_mut_ptr());
+    team.run(parts, &|i| {
+        let rows = ho * i / parts..ho * (i + 1) / parts;
+        // SAFETY: `s.b` holds `len` floats and outlives the job; each part writes only its own
+        // output rows, which no other part reads or writes.
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(
+                out.get().add(rows.start * ho * co),
+                rows.len() * ho * co,
+            )
+        };
+        BAND.with(|b| {
+            let (eb, db) = &mut *b.borrow_mut();
+            bands(blk, e, band, h, c, x, rows, o, eb, db);
+        });
+    });
+    std::mem::swap(&mut s.a, &mut s.b);
+    ho
+}
+
+/// Output rows `rows` of a block with an expansion, `band` rows at a time, from its whole input
+/// `x` (`[h][h][c]`) into `out` (those rows; for a residual block already holding the input, to
+/// which the projection adds), with `eb`, `db` as the band's expanded rows and depthwise output.
+#[allow(clippy::too_many_arguments)]
+fn bands(
+    blk: &Block,
+    e: &Pointwise,
+    band: usize,
+    h: usize,
+    c: usize,
+    x: &[f32],
+    rows: Range<usize>,
+    out: &mut [f32],
+    eb: &mut Vec<f32>,
+    db: &mut Vec<f32>,
+) {
     let (k, st, cm) = (blk.dw.k, blk.dw.stride, blk.dw.c);
     let (w, ho, co) = (h, blk.dw.out_side(h), blk.project.cout);
     let row = w * cm;
-    grow(&mut s.e, ((band - 1) * st + k).min(h) * row);
-    grow(&mut s.d, band * ho * cm);
-    // Input rows held in `s.e` (its row 0 is image row `held.start`).
+    grow(eb, ((band - 1) * st + k).min(h) * row);
+    grow(db, band * ho * cm);
+    let epi = if blk.residual {
+        Epilogue::Accumulate
+    } else {
+        Epilogue::Plain
+    };
+    // Input rows held in `eb` (its row 0 is image row `held.start`).
     let mut held = 0..0;
-    for oy0 in (0..ho).step_by(band) {
-        let oy1 = (oy0 + band).min(ho);
+    for oy0 in rows.clone().step_by(band) {
+        let oy1 = (oy0 + band).min(rows.end);
         let need = (oy0 * st).saturating_sub(k / 2)..((oy1 - 1) * st + k - k / 2).min(h);
         // Keep the rows this band shares with the previous one; expand only the new ones.
         let from = if need.start >= held.start && need.start < held.end {
             let keep = (need.start - held.start) * row..(held.end - held.start) * row;
-            s.e.copy_within(keep, 0);
+            eb.copy_within(keep, 0);
             held.end
         } else {
             need.start
         };
-        let x = &s.a[from * w * c..need.end * w * c];
+        let xs = &x[from * w * c..need.end * w * c];
         let at = (from - need.start) * row;
-        e.run(x, (need.end - from) * w, &mut s.e[at..], Epilogue::Relu6);
+        e.run(xs, (need.end - from) * w, &mut eb[at..], Epilogue::Relu6);
         held = need.clone();
-        let a = blk.dw.args(&s.e[..need.len() * row], need.start, h, w);
-        let d = &mut s.d[..(oy1 - oy0) * ho * cm];
+        let a = blk.dw.args(&eb[..need.len() * row], need.start, h, w);
+        let d = &mut db[..(oy1 - oy0) * ho * cm];
         depthwise_rows(&a, oy0..oy1, d);
         let px = (oy1 - oy0) * ho;
-        if blk.residual {
-            // In place: later bands read only input rows from `held.end` (≥ oy1) on; the rows
-            // they share with this band are kept in `s.e`.
-            let o = &mut s.a[oy0 * ho * co..oy1 * ho * co];
-            blk.project.run(d, px, o, Epilogue::Accumulate);
-        } else {
-            let o = &mut s.b[oy0 * ho * co..oy1 * ho * co];
-            blk.project.run(d, px, o, Epilogue::Plain);
-        }
+        let o = &mut out[(oy0 - rows.start) * ho * co..(oy1 - rows.start) * ho * co];
+        blk.project.run(d, px, o, epi);
     }
-    if !blk.residual {
-        std::mem::swap(&mut s.a, &mut s.b);
-    }
-    ho
 }
