@@ -402,10 +402,10 @@ fn grouped_tail_gives_the_one_image_bits() {
 }
 
 /// The stem's im2col equals the per-value definition (zero outside the image) at even and odd
-/// sides from 2 to 13.
+/// sides from 2 to 13, whole and in two parts of rows cut anywhere.
 #[test]
 fn stem_im2col_equals_its_definition() {
-    use deeprank::cpu::engine::stem_im2col;
+    use deeprank::cpu::engine::{stem_im2col, stem_im2col_rows};
     for side in 2usize..=13 {
         let x: Vec<f32> = (0..3 * side * side).map(|i| i as f32 + 0.5).collect();
         let ho = side / 2;
@@ -428,6 +428,17 @@ fn stem_im2col_equals_its_definition() {
                     "side {side}, pixel {p}, tap {t}"
                 );
             }
+        }
+        for cut in 0..=ho {
+            let mut parts = vec![f32::NAN; ho * ho * 27];
+            let (top, bottom) = parts.split_at_mut(cut * ho * 27);
+            stem_im2col_rows(&x, side, 0..cut, top);
+            stem_im2col_rows(&x, side, cut..ho, bottom);
+            let same = parts
+                .iter()
+                .zip(&col)
+                .all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "side {side}: rows cut at {cut}");
         }
     }
 }

@@ -145,9 +145,15 @@ struct Block {
 /// column −1 are padding (the last output pixel's taps end at row and column 2·ho − 1 < side), so
 /// each output row copies three values per tap row, with no bounds test per value.
 pub fn stem_im2col(x: &[f32], side: usize, col: &mut [f32]) {
+    stem_im2col_rows(x, side, 0..side / 2, col)
+}
+
+/// [`stem_im2col`] for output rows `rows` only, into `col` (which starts at row `rows.start`): a
+/// lone image's im2col in parts over its team.
+pub fn stem_im2col_rows(x: &[f32], side: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
     let ho = side / 2;
-    for oy in 0..ho {
-        let rows = &mut col[oy * ho * 27..(oy + 1) * ho * 27];
+    for (i, oy) in rows.enumerate() {
+        let rows = &mut col[i * ho * 27..(i + 1) * ho * 27];
         for ci in 0..3 {
             for ky in 0..3 {
                 let at = ci * 9 + ky * 3;
@@ -455,7 +461,9 @@ impl Engine {
         let ho = side / 2;
         {
             let col = &mut s.c[..ho * ho * 27];
-            stem_im2col(x, side, col);
+            in_parts(col, ho, ho * 27, team, 1, |rows, c| {
+                stem_im2col_rows(x, side, rows, c)
+            });
             pw(
                 &self.stem.conv,
                 col,
