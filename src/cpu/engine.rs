@@ -5,8 +5,8 @@
 //! across images and batches; a lone image (batch 1: a search request) has every layer's rows
 //! split over the threads instead, which wait for each next layer as one team ([`crate::cpu::team`]).
 //!
-//! Fused blocks: with one image per thread, an MBConv block with an expansion runs band by band
-//! of output rows: expand only the input rows the band's depthwise taps read (keeping the rows it
+//! Fused blocks: an MBConv block with an expansion runs band by band of output rows (a lone
+//! image's over its team: one part of the rows per thread, band by band): expand only the input rows the band's depthwise taps read (keeping the rows it
 //! shares with the previous band), depthwise them, project them. The 6× wide middle never exists
 //! whole: a band of it stays in the core's L2 instead of streaming a full expanded image (4.8 MB at
 //! 224 px in block 1) through the L3 twice. Every pixel is computed by the same kernel calls as
@@ -34,7 +34,7 @@ mod band;
 mod group;
 mod layers;
 
-use band::{band_rows, fused_block, fused_block_team};
+use band::{band_rows, fused_block};
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
@@ -183,9 +183,6 @@ struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
-    /// A fused block's band of expanded rows and its depthwise output.
-    e: Vec<f32>,
-    d: Vec<f32>,
 }
 
 /// Per-stage clock of [`Engine::profile`]: stage 0 the stem, `1 + 3·b + {0, 1, 2}` block `b`'s
@@ -480,10 +477,7 @@ impl Engine {
         for (bi, blk) in self.blocks[..nblocks].iter().enumerate() {
             let band = band_rows(blk, h).filter(|_| self.fused);
             if let (Some(e), Some(band)) = (&blk.expand, band) {
-                h = match team {
-                    Some(t) => fused_block_team(blk, e, band, h, c, s, t),
-                    None => fused_block(blk, e, band, h, c, s),
-                };
+                h = fused_block(blk, e, band, h, c, s, team);
                 c = blk.project.cout;
                 tick(&mut lap, 2 + 3 * bi);
                 continue;

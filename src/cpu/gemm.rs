@@ -51,7 +51,8 @@ pub fn gemm_rm(
 ///
 /// # Safety
 /// `dst` points to m·n writable floats that nothing else reads or writes meanwhile; they may be
-/// uninitialised when not `accumulate` (the product then writes every one and reads none).
+/// uninitialised when not `accumulate` (the product then writes every one and reads none, zeros
+/// when k = 0).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_ptr(
     dst: *mut f32,
@@ -72,14 +73,6 @@ unsafe fn gemm_ptr(
         (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
     };
     assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
-    if k == 0 {
-        // An empty sum: nothing to add, or zeros to write.
-        if !accumulate {
-            // SAFETY: `dst` holds m·n writable floats (the caller's promise).
-            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
-        }
-        return;
-    }
     let par = if threaded {
         gemm::Parallelism::Rayon(0)
     } else {

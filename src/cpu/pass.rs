@@ -238,11 +238,7 @@ impl Backbone {
                 let [_, hh, _] = engine.output_shape(side, out);
                 (engine.run(input, n, side, out), hh, None)
             }
-            Below::Given => {
-                let mut x = pool::take(input.len());
-                x.extend_from_slice(input);
-                (x, side, None)
-            }
+            Below::Given => (pool::copy_of(input), side, None),
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
@@ -337,9 +333,7 @@ impl Backbone {
             let rows_out = n * t.side_out * t.side_out;
             let rows_in = n * t.side_in * t.side_in;
             let d_res = if b.residual && !first {
-                let mut r = pool::take(dx.len());
-                r.extend_from_slice(&dx);
-                Some(r)
+                Some(pool::copy_of(&dx))
             } else {
                 None
             };

@@ -26,6 +26,13 @@ pub fn take(len: usize) -> Vec<f32> {
     BUFFERS.take(len)
 }
 
+/// A copy of `x` in a buffer from [`BUFFERS`].
+pub fn copy_of(x: &[f32]) -> Vec<f32> {
+    let mut v = take(x.len());
+    v.extend_from_slice(x);
+    v
+}
+
 /// [`Pool::give`] to [`BUFFERS`].
 pub fn give(v: Vec<f32>) {
     BUFFERS.give(v)

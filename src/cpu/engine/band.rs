@@ -6,7 +6,7 @@
 use super::{Block, Scratch, grow};
 use crate::cpu::depthwise::depthwise_rows;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
-use crate::cpu::team::{SharedOut, Team};
+use crate::cpu::team::{Team, in_parts};
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -33,8 +33,16 @@ pub(super) fn band_rows(blk: &Block, h: usize) -> Option<usize> {
     (band >= MIN_BAND.min(ho)).then_some(band)
 }
 
-/// One block with an expansion on this thread, `band` output rows at a time (module docs): input
-/// `[h][h][c]` in `s.a`, output in `s.a` (swapped in from `s.b`). Returns the output side.
+thread_local! {
+    /// This thread's band buffers: a fused block's expanded input rows and depthwise output.
+    static BAND: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// One block with an expansion, `band` output rows at a time (module docs): input `[h][h][c]` in
+/// `s.a`, output in `s.a` (swapped in from `s.b`). Returns the output side. Over `team` (a lone
+/// image), the output rows are cut into one contiguous part per thread, each run band by band
+/// with that thread's band buffers; a part expands the input rows its output rows read, so the
+/// few rows around a cut are expanded by both. Each value is computed the same way either way.
 pub(super) fn fused_block(
     blk: &Block,
     e: &Pointwise,
@@ -42,71 +50,21 @@ pub(super) fn fused_block(
     h: usize,
     c: usize,
     s: &mut Scratch,
-) -> usize {
-    let ho = blk.dw.out_side(h);
-    let len = ho * ho * blk.project.cout;
-    grow(&mut s.b, len);
-    if blk.residual {
-        s.b[..len].copy_from_slice(&s.a[..len]);
-    }
-    let x = &s.a[..h * h * c];
-    bands(
-        blk,
-        e,
-        band,
-        h,
-        c,
-        x,
-        0..ho,
-        &mut s.b[..len],
-        &mut s.e,
-        &mut s.d,
-    );
-    std::mem::swap(&mut s.a, &mut s.b);
-    ho
-}
-
-thread_local! {
-    /// A team thread's band buffers (expanded rows, depthwise output) for [`fused_block_team`].
-    static BAND: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// [`fused_block`] for a lone image over `team`: the output rows in one contiguous part per thread,
-/// each run band by band with that thread's own band buffers. A part expands the input rows its
-/// output rows read, so the few rows around a cut are expanded by both parts; each value is
-/// computed as [`fused_block`] computes it.
-pub(super) fn fused_block_team(
-    blk: &Block,
-    e: &Pointwise,
-    band: usize,
-    h: usize,
-    c: usize,
-    s: &mut Scratch,
-    team: &Team,
+    team: Option<&Team>,
 ) -> usize {
     let (ho, co) = (blk.dw.out_side(h), blk.project.cout);
     let len = ho * ho * co;
     grow(&mut s.b, len);
     if blk.residual {
+        // The projection adds to a copy of the input, so no part writes rows another part reads.
         s.b[..len].copy_from_slice(&s.a[..len]);
     }
-    let parts = team.threads().min(ho);
     let x = &s.a[..h * h * c];
-    let out = SharedOut(s.b.as_mut_ptr());
-    team.run(parts, &|i| {
-        let rows = ho * i / parts..ho * (i + 1) / parts;
-        // SAFETY: `s.b` holds `len` floats and outlives the job; each part writes only its own
-        // output rows, which no other part reads or writes.
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(
-                out.get().add(rows.start * ho * co),
-                rows.len() * ho * co,
-            )
-        };
+    in_parts(&mut s.b, ho, ho * co, team, 1, |rows, o| {
         BAND.with(|b| {
             let (eb, db) = &mut *b.borrow_mut();
             bands(blk, e, band, h, c, x, rows, o, eb, db);
-        });
+        })
     });
     std::mem::swap(&mut s.a, &mut s.b);
     ho
