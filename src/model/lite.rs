@@ -272,7 +272,7 @@ impl Lite {
 
     /// ImageNet logits: `[n, 1000]`.
     pub fn logits(&self, x: Tensor<4>) -> Tensor<2> {
-        self.fc.forward(self.pooled(x))
+        crate::model::device::linear(&self.fc, self.pooled(x))
     }
 }
 

@@ -12,6 +12,7 @@
 //! pooled 1280-d features, level 0 the input. With `--freeze-blocks K`,
 //! everything below level K is frozen, so its output can be computed once and cached.
 
+use crate::model::device::linear;
 use crate::model::lite::{FEATURE_DIM, Lite, NUM_CLASSES};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -216,13 +217,13 @@ impl EmbedNet {
             ),
             _ if self.classes => {
                 // √softmax as exp(½·log_softmax): finite gradients where a posterior underflows.
-                let logits = self.backbone.fc.forward(pooled.clone());
+                let logits = linear(&self.backbone.fc, pooled.clone());
                 let root = (log_softmax(logits, 1) * 0.5).exp() * POSTERIOR_WEIGHT;
                 Tensor::cat(vec![pooled, root], 1)
             }
             _ => pooled,
         };
-        let e = self.head.forward(features);
+        let e = linear(&self.head, features);
         if self.normalize { l2n(e) } else { e }
     }
 

@@ -22,7 +22,7 @@ pub fn row_dist(a: Tensor<2>, b: Tensor<2>) -> Tensor<1> {
 pub fn pairwise_dist(x: Tensor<2>) -> Tensor<2> {
     let [n, _] = x.dims();
     let sq = x.clone().square().sum_dim(1);
-    let gram = x.clone().matmul(x.transpose());
+    let gram = crate::model::device::matmul(x.clone(), x.transpose());
     (sq.clone().expand([n, n]) + sq.transpose().expand([n, n]) - gram.mul_scalar(2.0))
         .clamp_min(EPS)
         .sqrt()
