@@ -67,12 +67,17 @@ unsafe fn gemm_ptr(
     let [m, n, k] = dims;
     // The layouts used here are dense: every operand holds exactly its product of dimensions.
     assert!(lhs.len() >= m * k && rhs.len() >= n * k);
+    if m == 0 || n == 0 {
+        return; // no destination element (e.g. a band whose input rows are all held already)
+    }
     let [lrs, lcs] = lhs_strides;
     let [rrs, rcs] = rhs_strides;
-    let far = |rs: isize, cs: isize, r: usize, c: usize| {
-        (r.saturating_sub(1) as isize * rs + c.saturating_sub(1) as isize * cs) as usize
+    // Whether the last element an r × c operand's strides reach lies in its slice; an operand
+    // with no element (k = 0) reaches none.
+    let inside = |rs: isize, cs: isize, r: usize, c: usize, len: usize| {
+        r == 0 || c == 0 || (((r - 1) as isize * rs + (c - 1) as isize * cs) as usize) < len
     };
-    assert!(far(lrs, lcs, m, k) < lhs.len().max(1) && far(rrs, rcs, k, n) < rhs.len().max(1));
+    assert!(inside(lrs, lcs, m, k, lhs.len()) && inside(rrs, rcs, k, n, rhs.len()));
     let par = if threaded {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -147,4 +152,34 @@ pub fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f
 /// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
 pub fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
     product([n, k, rows], d, [1, n as isize], x, [k as isize, 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Empty products: no pixel (m = 0) leaves the destination alone, k = 0 writes zeros or adds
+    /// nothing. The engine's portable path asks for m = 0 when a band's input rows are all held.
+    #[test]
+    fn empty_products_are_no_ops() {
+        let (k, n) = (24, 5);
+        let rhs: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let mut dst = vec![7.0f32; 3];
+        matmul_acc(&[], 0, k, &rhs, n, &mut dst);
+        assert_eq!(dst, [7.0; 3]);
+        let mut dst = vec![7.0f32; 2 * n];
+        matmul_acc(&[], 2, 0, &[], n, &mut dst);
+        assert_eq!(dst, vec![7.0; 2 * n]);
+        gemm_rm(
+            &mut dst,
+            [2, n, 0],
+            &[],
+            [0, 1],
+            &[],
+            [n as isize, 1],
+            false,
+            false,
+        );
+        assert_eq!(dst, vec![0.0; 2 * n]);
+    }
 }
