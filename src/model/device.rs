@@ -104,12 +104,12 @@ fn matmul_by_conv(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
     conv2d(x, w, None, options).reshape([n, m])
 }
 
-/// `layer`'s output for the rows of `x` ([`matmul`] on a GPU; burn's `Linear::forward` on the CPU).
+/// `layer`'s output for the rows of `x` (burn's `Linear::forward` on the CPU; on a GPU, as [`matmul`]).
 pub fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
     if x.device() == Device::flex() {
         return layer.forward(x);
     }
-    let y = matmul(x, layer.weight.val());
+    let y = matmul_by_conv(x, layer.weight.val());
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
