@@ -16,6 +16,7 @@
 //! depthwise and 1×1 convolutions are where the time goes (`bench/RESULTS.md`). Results equal the
 //! plain burn network within float rounding (tested in `tests/model_golden.rs`).
 
+use crate::cpu::aligned::Aligned;
 use crate::cpu::depthwise::{DwArgs, depthwise_rows};
 use crate::cpu::fold::fold;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
@@ -45,9 +46,9 @@ fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {
     Ok(Pointwise::new(w, b, d[1], d[0]))
 }
 
-/// Depthwise k×k convolution, weights stored tap-major `[k·k][c]`.
+/// Depthwise k×k convolution, weights stored tap-major `[k·k][c]`, 64-byte aligned.
 struct Depthwise {
-    w: Vec<f32>,
+    w: Aligned,
     b: Vec<f32>,
     c: usize,
     k: usize,
@@ -61,7 +62,7 @@ impl Depthwise {
         if d[1] != 1 || d[3] != k {
             bail!("expected a depthwise convolution, got {d:?}");
         }
-        let mut t = vec![0f32; c * k * k];
+        let mut t = Aligned::zeroed(c * k * k);
         for ch in 0..c {
             for tap in 0..k * k {
                 t[tap * c + ch] = w[ch * k * k + tap];
@@ -177,12 +178,13 @@ struct Stem {
     conv: Pointwise,
 }
 
-/// Per-thread buffers, kept between images and batches.
+/// Per-thread buffers, kept between images and batches; 64-byte aligned, so that every
+/// channel vector of an activation row is one cache line (channel counts are multiples of 16).
 #[derive(Default)]
 struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
+    a: Aligned,
+    b: Aligned,
+    c: Aligned,
 }
 
 /// Per-stage clock of [`Engine::profile`]: stage 0 the stem, `1 + 3·b + {0, 1, 2}` block `b`'s
@@ -219,10 +221,8 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
+fn grow(v: &mut Aligned, n: usize) {
+    v.grow(n);
 }
 
 /// An EfficientNet-Lite network for inference on the CPU (see the module docs).

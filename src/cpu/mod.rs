@@ -3,6 +3,7 @@
 //! [`engine`] and the trainable backbone's forward and backward [`pass`]. Uses [`crate::model`]
 //! (reads the backbone's weights) and nothing above it.
 
+pub mod aligned;
 pub mod depthwise;
 pub mod depthwise_back;
 pub mod engine;

@@ -9,6 +9,7 @@
 //! with the bias, residual and ReLU6 applied before the one store. CPUs without AVX-512 use the
 //! `gemm` crate on the unpacked weights ([`Pointwise::run`] picks at run time).
 
+use crate::cpu::aligned::Aligned;
 use crate::cpu::gemm::matmul_acc;
 use std::ops::Range;
 
@@ -21,10 +22,11 @@ const MR: usize = 12;
 pub struct Pointwise {
     /// Row-major `[cout][cin]` (the fallback path's operand).
     w: Vec<f32>,
-    /// `ceil(cout/32)` panels of `[cin][32]`, zero beyond `cout`.
-    packed: Vec<f32>,
+    /// `ceil(cout/32)` panels of `[cin][32]`, zero beyond `cout`; 64-byte aligned, so every
+    /// weight vector the kernel loads is one cache line ([`crate::cpu::aligned`]).
+    packed: Aligned,
     /// Bias, zero-padded to a whole panel.
-    b: Vec<f32>,
+    b: Aligned,
     pub cin: usize,
     pub cout: usize,
 }
@@ -46,15 +48,15 @@ impl Pointwise {
         assert_eq!(w.len(), cin * cout, "weights are not cout × cin");
         assert_eq!(b.len(), cout, "bias is not cout long");
         let panels = cout.div_ceil(NR);
-        let mut packed = vec![0f32; panels * cin * NR];
+        let mut packed = Aligned::zeroed(panels * cin * NR);
         for n in 0..cout {
             let (panel, lane) = (n / NR, n % NR);
             for k in 0..cin {
                 packed[(panel * cin + k) * NR + lane] = w[n * cin + k];
             }
         }
-        let mut bp = b;
-        bp.resize(panels * NR, 0.0);
+        let mut bp = Aligned::zeroed(panels * NR);
+        bp[..cout].copy_from_slice(&b);
         Self {
             w,
             packed,
@@ -273,6 +275,12 @@ mod tests {
             let x: Vec<f32> = (0..pixels * cin).map(|_| lcg(&mut seed)).collect();
             let prior: Vec<f32> = (0..pixels * cout).map(|_| lcg(&mut seed)).collect();
             let pw = Pointwise::new(w.clone(), b.clone(), cin, cout);
+            // Every weight vector the kernel loads is one cache line.
+            assert_eq!(
+                pw.packed.as_ptr() as usize % 64,
+                0,
+                "{cin}→{cout}: panels unaligned"
+            );
             for (epi, portable) in [Epilogue::Plain, Epilogue::Relu6, Epilogue::Accumulate]
                 .into_iter()
                 .flat_map(|e| [(e, false), (e, true)])

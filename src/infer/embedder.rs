@@ -92,14 +92,14 @@ pub type PerFile = (Vec<Option<Vec<f32>>>, Vec<Skipped>);
 /// The fast inference copy of the pretrained network: deeprank's CPU engine, or on another
 /// device burn's network with BatchNorm folded.
 enum Fast {
-    Engine(Engine),
+    Engine(Box<Engine>),
     Fused(Box<FusedLite>),
 }
 
 impl Fast {
     fn new(m: &Lite) -> Result<Self> {
         Ok(match cpu_engine(m)? {
-            Some(e) => Fast::Engine(e),
+            Some(e) => Fast::Engine(Box::new(e)),
             None => Fast::Fused(Box::new(FusedLite::new(m)?)),
         })
     }
@@ -109,7 +109,7 @@ impl Fast {
 enum Net {
     /// The ImageNet network, and its BatchNorm-folded inference copy for the pooled features.
     Pretrained(Box<Lite>, Box<Fast>),
-    Trained(Box<EmbedNet>, Option<Engine>),
+    Trained(Box<EmbedNet>, Option<Box<Engine>>),
 }
 
 /// A network ready to embed images of one input size.
@@ -197,7 +197,7 @@ impl Embedder {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
             .unwrap_or_else(|| "run".into());
         let normalize = net.normalize;
-        let engine = cpu_engine(&net.backbone)?;
+        let engine = cpu_engine(&net.backbone)?.map(Box::new);
         Ok(Self {
             net: Net::Trained(Box::new(net), engine),
             device: device(),
@@ -232,7 +232,7 @@ impl Embedder {
             // A trained network applies its own normalisation.
             Net::Trained(m, e) => {
                 let s = self.size as usize;
-                return to_vec(embed_host(m, e.as_ref(), batch, n, s, &self.device));
+                return to_vec(embed_host(m, e.as_deref(), batch, n, s, &self.device));
             }
         };
         if self.normalize {

@@ -4,6 +4,7 @@
 //! band by band.
 
 use super::{Block, Scratch, grow};
+use crate::cpu::aligned::Aligned;
 use crate::cpu::depthwise::depthwise_rows;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
 use crate::cpu::team::{Team, in_parts};
@@ -35,7 +36,7 @@ pub(super) fn band_rows(blk: &Block, h: usize) -> Option<usize> {
 
 thread_local! {
     /// This thread's band buffers: a fused block's expanded input rows and depthwise output.
-    static BAND: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static BAND: RefCell<(Aligned, Aligned)> = RefCell::new(Default::default());
 }
 
 /// One block with an expansion, `band` output rows at a time (module docs): input `[h][h][c]` in
@@ -83,8 +84,8 @@ fn bands(
     x: &[f32],
     rows: Range<usize>,
     out: &mut [f32],
-    eb: &mut Vec<f32>,
-    db: &mut Vec<f32>,
+    eb: &mut Aligned,
+    db: &mut Aligned,
 ) {
     let (k, st, cm) = (blk.dw.k, blk.dw.stride, blk.dw.c);
     let (w, ho, co) = (h, blk.dw.out_side(h), blk.project.cout);
