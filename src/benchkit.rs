@@ -12,8 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod kernels;
 mod layers;
 mod pg;
+pub use kernels::{SHAPES as KERNEL_SHAPES, fma_peak, time_pointwise};
 pub use layers::{LayerTimes, time_layers};
 pub use pg::{explain_query, local_insert, pg_insert, quantile, time_queries};
 

@@ -130,6 +130,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The inference 1×1 kernel alone on warm caches: GFLOP/s on Lite0's layer shapes beside one
+    /// core's FMA peak (run with --threads 1).
+    Kernels,
     /// Batch-1 latency of the pretrained embedder (a search request's embedding): the first --n
     /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/latency.sh compares
     /// it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
@@ -376,6 +379,16 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|t| format!("{:.3}", t.stages.iter().map(|s| s.1).sum::<f64>() * 1e3))
                 .collect();
             println!("| total (thread-ms per image) | {} |", total.join(" | "));
+        }
+        Cmd::Kernels => {
+            match benchkit::fma_peak() {
+                Some(g) => println!("RESULT fma_peak gflops={g:.1}"),
+                None => println!("RESULT fma_peak gflops=none (no AVX-512)"),
+            }
+            let shapes = benchkit::KERNEL_SHAPES;
+            for (&(px, cin, cout), g) in shapes.iter().zip(benchkit::time_pointwise(&shapes)) {
+                println!("RESULT pointwise pixels={px} cin={cin} cout={cout} gflops={g:.1}");
+            }
         }
         Cmd::Latency { data, size, n } => {
             let paths = val_paths(&data)?;

@@ -1,10 +1,12 @@
 //! f32 buffers that start on a 64-byte boundary: a cache line, and one AVX-512 vector.
 //!
 //! Why: a `Vec<f32>` is only 16-byte aligned (glibc's large allocations sit 16 bytes past a page),
-//! so a 64-byte vector load from it straddles two cache lines 3 times in 4. The 1×1 kernel loads
-//! two weight vectors per multiply-add step: on misaligned panels it ran at 108–120 GFLOP/s on warm
-//! caches, aligned at 140–170 (peak 170; `bench/RESULTS.md` §13, session 12). With every panel, tap
-//! row and activation row a multiple of 16 floats, aligning the start aligns every vector after it.
+//! so unless it happens to start on a cache line, every 64-byte vector load from it straddles two
+//! lines. The 1×1 kernel loads two weight vectors per multiply-add step: the same 12 × 32 kernel
+//! on warm caches ran 130–172 GFLOP/s from aligned panels and 94–120 from the same panels 16 bytes
+//! off (FMA peak 170), and the engine at 224 px took 10% less time per image once its weights and
+//! activations were aligned (`bench/RESULTS.md` §13, session 12). With every panel, tap row and
+//! activation row a multiple of 16 floats, aligning the start aligns every vector after it.
 
 use std::ops::{Deref, DerefMut};
 
