@@ -232,6 +232,29 @@ fn ann_builds_the_shipped_index_and_measures_recall_against_exact() {
 }
 
 #[test]
+fn kernels_times_every_shape_against_the_fma_peak() {
+    let (code, out, err) = bench(&["kernels", "--gflop", "0.02"]);
+    assert_eq!(code, 0, "{err}");
+    let peak = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT fma_peak gflops="))
+        .unwrap_or_else(|| panic!("no fma_peak line: {out}"));
+    assert!(
+        peak.starts_with("none") || peak.parse::<f64>().is_ok_and(|g| g > 1.0),
+        "{peak}"
+    );
+    let shapes: Vec<_> = out
+        .lines()
+        .filter(|l| l.starts_with("RESULT pointwise "))
+        .collect();
+    assert_eq!(shapes.len(), 13, "{out}");
+    for l in shapes {
+        let g: f64 = l.rsplit("gflops=").next().unwrap().parse().unwrap();
+        assert!(g > 0.1 && g.is_finite(), "{l}");
+    }
+}
+
+#[test]
 fn layers_times_every_stage_with_blocks_fused_and_not() {
     let data = common::sample();
     let (code, out, err) = bench(&[

@@ -23,9 +23,9 @@ pub const SHAPES: [(usize, usize, usize); 13] = [
     (256, 320, 1280),
 ];
 
-/// One core's peak of 512-bit fused multiply-adds, GFLOP/s (24 independent chains; the best of
-/// 3), or None without AVX-512.
-pub fn fma_peak() -> Option<f64> {
+/// One core's peak of 512-bit fused multiply-adds, GFLOP/s (24 independent chains, about `gflop`
+/// GFLOP per round; the best of 3), or None without AVX-512.
+pub fn fma_peak(gflop: f64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f")]
@@ -43,7 +43,7 @@ pub fn fma_peak() -> Option<f64> {
                     .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)),
             )
         }
-        let iters = 20_000_000;
+        let iters = ((gflop * 1e9 / (24.0 * 32.0)).ceil() as usize).max(1);
         let best = (0..3)
             .map(|_| {
                 let t = Instant::now();
@@ -58,8 +58,8 @@ pub fn fma_peak() -> Option<f64> {
 }
 
 /// GFLOP/s of [`Pointwise::run`] (ReLU6 epilogue) on each shape, the same input over and over
-/// (warm caches; the best of 3 rounds of about 4 GFLOP each).
-pub fn time_pointwise(shapes: &[(usize, usize, usize)]) -> Vec<f64> {
+/// (warm caches; the best of 3 rounds of about `gflop` GFLOP each).
+pub fn time_pointwise(shapes: &[(usize, usize, usize)], gflop: f64) -> Vec<f64> {
     shapes
         .iter()
         .map(|&(px, cin, cout)| {
@@ -70,7 +70,7 @@ pub fn time_pointwise(shapes: &[(usize, usize, usize)]) -> Vec<f64> {
             let p = Pointwise::new(w, vec![0.0; cout], cin, cout);
             let mut out = vec![0f32; px * cout];
             let flops = 2 * px * cin * cout;
-            let reps = (4e9 / flops as f64).ceil() as usize;
+            let reps = (gflop * 1e9 / flops as f64).ceil() as usize;
             let best = (0..3)
                 .map(|_| {
                     let t = Instant::now();

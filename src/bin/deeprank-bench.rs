@@ -132,7 +132,11 @@ enum Cmd {
     },
     /// The inference 1×1 kernel alone on warm caches: GFLOP/s on Lite0's layer shapes beside one
     /// core's FMA peak (run with --threads 1).
-    Kernels,
+    Kernels {
+        /// GFLOP per timed round (each figure is the best of 3 rounds).
+        #[arg(long, default_value_t = 4.0)]
+        gflop: f64,
+    },
     /// Batch-1 latency of the pretrained embedder (a search request's embedding): the first --n
     /// images of a dataset, decoded beforehand, one at a time; p50/p99 (bench/latency.sh compares
     /// it with ONNX Runtime's batch-1 latency). `--threads 1` gives the one-core path.
@@ -380,13 +384,14 @@ fn run(cli: Cli) -> Result<()> {
                 .collect();
             println!("| total (thread-ms per image) | {} |", total.join(" | "));
         }
-        Cmd::Kernels => {
-            match benchkit::fma_peak() {
+        Cmd::Kernels { gflop } => {
+            match benchkit::fma_peak(gflop * 4.0) {
                 Some(g) => println!("RESULT fma_peak gflops={g:.1}"),
                 None => println!("RESULT fma_peak gflops=none (no AVX-512)"),
             }
             let shapes = benchkit::KERNEL_SHAPES;
-            for (&(px, cin, cout), g) in shapes.iter().zip(benchkit::time_pointwise(&shapes)) {
+            for (&(px, cin, cout), g) in shapes.iter().zip(benchkit::time_pointwise(&shapes, gflop))
+            {
                 println!("RESULT pointwise pixels={px} cin={cin} cout={cout} gflops={g:.1}");
             }
         }
