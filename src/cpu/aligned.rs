@@ -5,8 +5,9 @@
 //! lines. The 1×1 kernel loads two weight vectors per multiply-add step: the same 12 × 32 kernel
 //! on warm caches ran 130–172 GFLOP/s from aligned panels and 94–120 from the same panels 16 bytes
 //! off (FMA peak 170), and the engine at 224 px took 10% less time per image once its weights and
-//! activations were aligned (`bench/RESULTS.md` §13, session 12). With every panel, tap row and
-//! activation row a multiple of 16 floats, aligning the start aligns every vector after it.
+//! activations were aligned (`bench/RESULTS.md` §13, session 12). Where every panel, tap row and
+//! activation row is a multiple of 16 floats (Lite0 and Lite1 channel counts all are; Lite2 has a
+//! few that are not, which costs speed only), aligning the start aligns every vector after it.
 
 use std::ops::{Deref, DerefMut};
 

@@ -178,8 +178,9 @@ struct Stem {
     conv: Pointwise,
 }
 
-/// Per-thread buffers, kept between images and batches; 64-byte aligned, so that every
-/// channel vector of an activation row is one cache line (channel counts are multiples of 16).
+/// Per-thread buffers, kept between images and batches; 64-byte aligned, so that where a
+/// layer's channel count is a multiple of 16 (all of Lite0's), every channel vector of an
+/// activation row is one cache line.
 #[derive(Default)]
 struct Scratch {
     a: Aligned,
@@ -219,10 +220,6 @@ fn clocked(clock: Option<&Mutex<Vec<f64>>>, stages: usize, f: impl FnOnce(&mut O
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-fn grow(v: &mut Aligned, n: usize) {
-    v.grow(n);
 }
 
 /// An EfficientNet-Lite network for inference on the CPU (see the module docs).
@@ -397,9 +394,9 @@ impl Engine {
                 Ok(s) => &mut **s,
                 Err(_) => &mut fresh,
             };
-            grow(&mut s.a, need);
-            grow(&mut s.b, need);
-            grow(&mut s.c, need.max((side / 2) * (side / 2) * 27));
+            s.a.grow(need);
+            s.b.grow(need);
+            s.c.grow(need.max((side / 2) * (side / 2) * 27));
             clocked(clock, self.stages(), |lap| f(s, lap));
         })
     }

@@ -3,7 +3,7 @@
 //! image's block over a team splits its output rows between the threads, each running its part
 //! band by band.
 
-use super::{Block, Scratch, grow};
+use super::{Block, Scratch};
 use crate::cpu::aligned::Aligned;
 use crate::cpu::depthwise::depthwise_rows;
 use crate::cpu::pointwise::{Epilogue, Pointwise};
@@ -55,7 +55,7 @@ pub(super) fn fused_block(
 ) -> usize {
     let (ho, co) = (blk.dw.out_side(h), blk.project.cout);
     let len = ho * ho * co;
-    grow(&mut s.b, len);
+    s.b.grow(len);
     if blk.residual {
         // The projection adds to a copy of the input, so no part writes rows another part reads.
         s.b[..len].copy_from_slice(&s.a[..len]);
@@ -90,8 +90,8 @@ fn bands(
     let (k, st, cm) = (blk.dw.k, blk.dw.stride, blk.dw.c);
     let (w, ho, co) = (h, blk.dw.out_side(h), blk.project.cout);
     let row = w * cm;
-    grow(eb, ((band - 1) * st + k).min(h) * row);
-    grow(db, band * ho * cm);
+    eb.grow(((band - 1) * st + k).min(h) * row);
+    db.grow(band * ho * cm);
     let epi = if blk.residual {
         Epilogue::Accumulate
     } else {

@@ -12,7 +12,7 @@
 //! decides which pixels share a pass over the weights), depthwise runs per image, pooling sums each
 //! image's rows in the same order (tested in `tests/model_golden.rs`).
 
-use super::{Engine, Lap, Output, Scratch, clocked, grow};
+use super::{Engine, Lap, Output, Scratch, clocked};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -125,9 +125,9 @@ impl Engine {
             .for_each(|(o, m)| {
                 TAIL.with(|t| {
                     let t = &mut *t.borrow_mut();
-                    grow(&mut t.a, need);
-                    grow(&mut t.b, need);
-                    grow(&mut t.c, need);
+                    t.a.grow(need);
+                    t.b.grow(need);
+                    t.c.grow(need);
                     t.a[..m.len()].copy_from_slice(m);
                     clocked(clock, self.stages(), |lap| {
                         self.tail(from, m.len() / per, h, c, t, o, lap)
