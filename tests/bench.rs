@@ -296,9 +296,10 @@ fn layers_times_every_stage_with_blocks_fused_and_not() {
         let v = row(stage);
         assert!(v.len() == 3 && v.iter().all(|t| *t > 0.0), "{stage}: {v:?}");
     }
+    // Which stage a time lands under, not how long it is (no timing comparisons in tests).
     let (expand, dw) = (row("block 1 expand"), row("block 1 depthwise"));
     assert!(
-        expand[0] > 0.0 && expand[1] == 0.0 && dw[1] > dw[0],
+        expand[0] > 0.0 && expand[1] == 0.0 && expand[2] == 0.0 && dw[1] > 0.0,
         "{expand:?} {dw:?}"
     );
     let total = row("total (thread-ms per image)");

@@ -44,7 +44,11 @@ impl Aligned {
             return;
         }
         if self.off + len > self.v.len() {
-            let mut v = vec![0f32; len + LINE - 1];
+            // Zeros written here, not left to calloc's untouched pages: the page faults happen
+            // now, not inside the first kernel that writes the buffer (which a per-layer clock
+            // would then charge for them).
+            let mut v = Vec::with_capacity(len + LINE - 1);
+            v.resize(len + LINE - 1, 0f32);
             let off = v.as_ptr().align_offset(LINE * 4);
             v[off..off + self.len].copy_from_slice(&self.v[self.off..self.off + self.len]);
             self.v = v;
