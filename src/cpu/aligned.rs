@@ -31,13 +31,6 @@ impl Aligned {
         a
     }
 
-    /// A copy of `x`.
-    pub fn from_slice(x: &[f32]) -> Self {
-        let mut a = Self::zeroed(x.len());
-        a.copy_from_slice(x);
-        a
-    }
-
     /// At least `len` floats: the values held are kept, new ones are zero.
     pub fn grow(&mut self, len: usize) {
         if len <= self.len {
@@ -80,7 +73,8 @@ mod tests {
     fn starts_on_a_cache_line_and_grows_keeping_values() {
         for len in [0, 1, 15, 16, 17, 1000, 40_000, 300_000] {
             let x: Vec<f32> = (0..len).map(|i| i as f32).collect();
-            let mut a = Aligned::from_slice(&x);
+            let mut a = Aligned::zeroed(len);
+            a.copy_from_slice(&x);
             assert_eq!(&a[..], &x[..]);
             if len > 0 {
                 assert_eq!(a.as_ptr() as usize % 64, 0, "len {len}");
