@@ -1,6 +1,8 @@
 //! Matrix products through the `gemm` crate (its own run-time AVX-512/AVX2 dispatch), row-major:
 //! the strided core and the shapes the engine and the training pass use.
 
+use std::mem::MaybeUninit;
+
 /// `dst[m][n] += lhs[m][k] · rhsᵀ` with `rhs` stored `[n][k]`, all row-major, single-threaded.
 pub fn matmul_acc(lhs: &[f32], m: usize, k: usize, rhs: &[f32], n: usize, dst: &mut [f32]) {
     let (lrs, lcs, rrs, rcs) = (k as isize, 1, 1, k as isize);
@@ -43,6 +45,33 @@ pub fn gemm_rm(
             rhs_strides,
             accumulate,
             threaded,
+        )
+    }
+}
+
+/// `dst[m][n] = lhs · rhs` (`dims` = [m, n, k], single-threaded) over an uninitialised destination,
+/// which the product writes whole.
+pub fn gemm_uninit(
+    dst: &mut [MaybeUninit<f32>],
+    dims: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [isize; 2],
+    rhs: &[f32],
+    rhs_strides: [isize; 2],
+) {
+    assert!(dst.len() >= dims[0] * dims[1]);
+    // SAFETY: `dst` is an exclusively borrowed slice of at least m·n floats; a product that does not
+    // accumulate writes them all and reads none.
+    unsafe {
+        gemm_ptr(
+            dst.as_mut_ptr().cast(),
+            dims,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            false,
+            false,
         )
     }
 }
@@ -149,9 +178,47 @@ pub fn matmul_nn(d: &[f32], rows: usize, n: usize, w: &[f32], k: usize) -> Vec<f
     product([rows, k, n], d, [n as isize, 1], w, [k as isize, 1])
 }
 
+/// Rows of each part of a split weight-gradient product ([`matmul_tn`]).
+pub const TN_PART_ROWS: usize = 2048;
+
 /// `d[rows][n]ᵀ · x[rows][k]` → `[n][k]` (a 1×1 convolution's weight gradient).
+///
+/// The product sums over `rows`, the batch's pixels, while its output is small (a layer's weights),
+/// so the `gemm` crate's threads, which split the output, leave cores idle on the early layers. With
+/// at least two parts' worth of rows, parts of [`TN_PART_ROWS`] rows run single-threaded on the
+/// rayon pool and their sums are added in part order: the parts depend on the shape alone, so the
+/// result is the same for any number of threads.
 pub fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f32> {
-    product([n, k, rows], d, [1, n as isize], x, [k as isize, 1])
+    use rayon::prelude::*;
+    assert!(d.len() >= rows * n && x.len() >= rows * k);
+    if rows < 2 * TN_PART_ROWS {
+        return product([n, k, rows], d, [1, n as isize], x, [k as isize, 1]);
+    }
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(TN_PART_ROWS))
+        .into_par_iter()
+        .map(|i| {
+            let r0 = i * TN_PART_ROWS;
+            let r = TN_PART_ROWS.min(rows - r0);
+            let mut out = vec![0f32; n * k];
+            gemm_rm(
+                &mut out,
+                [n, k, r],
+                &d[r0 * n..(r0 + r) * n],
+                [1, n as isize],
+                &x[r0 * k..(r0 + r) * k],
+                [k as isize, 1],
+                false,
+                false,
+            );
+            out
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut sum = parts.next().expect("at least two parts");
+    for p in parts {
+        sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -181,5 +248,24 @@ mod tests {
             false,
         );
         assert_eq!(dst, vec![0.0; 2 * n]);
+    }
+
+    /// The weight-gradient product split in parts of rows (a partial last one) equals an f64 sum.
+    #[test]
+    fn split_weight_gradient_matches_f64() {
+        let (rows, n, k) = (2 * TN_PART_ROWS + 5, 7, 3);
+        let val = |i: usize, s: usize| ((i * s + 11) % 17) as f32 / 8.0 - 1.0;
+        let d: Vec<f32> = (0..rows * n).map(|i| val(i, 5)).collect();
+        let x: Vec<f32> = (0..rows * k).map(|i| val(i, 3)).collect();
+        let got = matmul_tn(&d, rows, n, &x, k);
+        for j in 0..n {
+            for c in 0..k {
+                let want: f64 = (0..rows)
+                    .map(|r| d[r * n + j] as f64 * x[r * k + c] as f64)
+                    .sum();
+                let g = got[j * k + c] as f64;
+                assert!((g - want).abs() < 1e-3, "[{j}][{c}]: {g} vs {want}");
+            }
+        }
     }
 }

@@ -1,6 +1,10 @@
 //! BatchNorm (+ ReLU6) over channels-last rows `[rows][c]`: the per-element kernels of the forward
 //! and backward passes and the threaded column reductions they need. The reductions add up to
 //! [`BLOCK`] rows in f32 (full-width vectors) and the blocks' sums in f64.
+//!
+//! The training pass keeps a layer's input `z` and its [`Cols`], not x̂: every backward kernel
+//! recomputes `x̂ = (z − μ)·invstd` (the same f32 operations as the forward, so the same bits) and
+//! the ReLU6 mask from it, which saves writing x̂ and the masked gradient back to memory.
 
 use crate::cpu::simd::multiversion;
 use rayon::prelude::*;
@@ -11,42 +15,73 @@ pub const ROWS_PER_TASK: usize = 512;
 /// Rows a column reduction sums in f32 before adding the block's sum to its f64 total.
 pub const BLOCK: usize = 32;
 
-multiversion!(fn mask_dot => mask_dot_k(d: &mut [f32], x: &[f32], c: usize, gamma: &[f32], beta: &[f32], mask: bool, s: &mut [f64], sx: &mut [f64], part: &mut [f32]));
-multiversion!(fn moments => moments_k(x: &[f32], c: usize, shift: &[f32], s: &mut [f64], s2: &mut [f64], part: &mut [f32]));
-multiversion!(pub fn norm_rows => norm_rows_k(z: &mut [f32], a: &mut [MaybeUninit<f32>], c: usize, mean: &[f32], invstd: &[f32], gamma: &[f32], beta: &[f32], relu6: bool));
-multiversion!(pub fn norm_back_rows => norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]));
+/// A BatchNorm layer's per-channel numbers as the row kernels read them: the normalisation
+/// (μ, 1/σ) and the affine part (γ, β), each `c` long.
+#[derive(Clone, Copy)]
+pub struct Cols<'a> {
+    pub mean: &'a [f32],
+    pub invstd: &'a [f32],
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+}
 
-/// Zeroes `d` where the BatchNorm output `γ·x̂ + β` is outside ReLU6's (0, 6) when `mask` (γ, β) is given,
-/// and returns the column sums of `d` and `d·x̂`.
-pub fn masked_col_dot(
-    d: &mut [f32],
-    x: &[f32],
-    c: usize,
-    mask: Option<(&[f32], &[f32])>,
-) -> (Vec<f32>, Vec<f32>) {
-    let unused = vec![0f32; c];
-    let (gamma, beta) = match mask {
-        Some((g, b)) => (g, b),
-        None => (&unused[..], &unused[..]),
-    };
+impl<'a> Cols<'a> {
+    /// The four slices cut to `c`.
+    #[inline(always)]
+    fn cut(self, c: usize) -> (&'a [f32], &'a [f32], &'a [f32], &'a [f32]) {
+        (
+            &self.mean[..c],
+            &self.invstd[..c],
+            &self.gamma[..c],
+            &self.beta[..c],
+        )
+    }
+}
+
+/// The backward pass's per-channel factors: `d ← g·(v − md − x̂·mdx)`, with `v` the (masked) gradient.
+#[derive(Clone, Copy)]
+pub struct BackCols<'a> {
+    pub g: &'a [f32],
+    pub md: &'a [f32],
+    pub mdx: &'a [f32],
+}
+
+multiversion!(fn mask_dot => mask_dot_k(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool, s: &mut [f64], sx: &mut [f64], part: &mut [f32]));
+multiversion!(fn moments => moments_k(x: &[f32], c: usize, shift: &[f32], s: &mut [f64], s2: &mut [f64], part: &mut [f32]));
+multiversion!(fn norm_rows => norm_rows_k(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool));
+multiversion!(fn norm_back_rows => norm_back_rows_k(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: BackCols));
+multiversion!(pub fn norm_back_into => norm_back_into_k(d: &[f32], z: &[f32], out: &mut [f32], c: usize, p: Cols, mask: bool, b: BackCols));
+
+/// `a ← γ·x̂ + β` (ReLU6'd when `relu6`) with `x̂ = (z − μ)·invstd`, threaded over row blocks;
+/// writes every element of `a` (as long as `z`).
+pub fn normalise(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool) {
+    assert_eq!(z.len(), a.len());
+    z.par_chunks(ROWS_PER_TASK * c)
+        .zip(a.par_chunks_mut(ROWS_PER_TASK * c))
+        .for_each(|(zc, ac)| norm_rows(zc, ac, c, p, relu6));
+}
+
+/// BatchNorm backward over the rows, threaded: `d ← g·(v − md − x̂·mdx)`, where `v` is `d` with
+/// the ReLU6 mask applied when `mask` (zero where `γ·x̂ + β` is outside (0, 6)).
+pub fn norm_back(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: BackCols) {
+    assert_eq!(z.len(), d.len());
+    d.par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(z.par_chunks(ROWS_PER_TASK * c))
+        .for_each(|(dc, zc)| norm_back_rows(dc, zc, c, p, mask, b));
+}
+
+/// The column sums of `v` and `v·x̂`, where `x̂ = (z − μ)·invstd` and `v` is `d` with the ReLU6 mask
+/// applied when `mask` (zero where `γ·x̂ + β` is outside (0, 6)). Reads only.
+pub fn masked_col_dot(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(z.len(), d.len());
     let (a, b) = d
-        .par_chunks_mut(ROWS_PER_TASK * c)
-        .zip(x.par_chunks(ROWS_PER_TASK * c))
-        .map(|(dc, xc)| {
+        .par_chunks(ROWS_PER_TASK * c)
+        .zip(z.par_chunks(ROWS_PER_TASK * c))
+        .map(|(dc, zc)| {
             let mut s = vec![0f64; c];
             let mut sx = vec![0f64; c];
             let mut part = vec![0f32; 2 * c];
-            mask_dot(
-                dc,
-                xc,
-                c,
-                gamma,
-                beta,
-                mask.is_some(),
-                &mut s,
-                &mut sx,
-                &mut part,
-            );
+            mask_dot(dc, zc, c, p, mask, &mut s, &mut sx, &mut part);
             (s, sx)
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
@@ -93,44 +128,45 @@ fn add_pairs(
     (a, b)
 }
 
-/// ReLU6 mask on `d` (where `γ·x̂ + β` is outside (0, 6), when `mask`), and column sums of d, d·x̂
-/// added to `s`, `sx`: per [`BLOCK`] rows in f32 (in `part`, 2·c floats), then in f64.
+/// The ReLU6 mask and x̂ of one element: `(x̂, v)` with `v = d` unless `mask` and `γ·x̂ + β` is
+/// outside (0, 6), then 0. The same operations as the forward's [`norm_rows_k`].
+#[inline(always)]
+fn masked(d: f32, z: f32, m: f32, is: f32, g: f32, b: f32, mask: bool) -> (f32, f32) {
+    let xh = (z - m) * is;
+    let y = g * xh + b;
+    let v = if !mask || (y > 0.0 && y < 6.0) {
+        d
+    } else {
+        0.0
+    };
+    (xh, v)
+}
+
+/// Column sums of `v` and `v·x̂` (see [`masked`]) added to `s`, `sx`: per [`BLOCK`] rows in f32 (in
+/// `part`, 2·c floats), then in f64.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn mask_dot_k(
-    d: &mut [f32],
-    x: &[f32],
+    d: &[f32],
+    z: &[f32],
     c: usize,
-    gamma: &[f32],
-    beta: &[f32],
+    p: Cols,
     mask: bool,
     s: &mut [f64],
     sx: &mut [f64],
     part: &mut [f32],
 ) {
-    let (gamma, beta, s, sx) = (&gamma[..c], &beta[..c], &mut s[..c], &mut sx[..c]);
+    let (mean, invstd, gamma, beta) = p.cut(c);
+    let (s, sx) = (&mut s[..c], &mut sx[..c]);
     let (ps, psx) = part[..2 * c].split_at_mut(c);
-    for (db, xb) in d.chunks_mut(BLOCK * c).zip(x.chunks(BLOCK * c)) {
+    for (db, zb) in d.chunks(BLOCK * c).zip(z.chunks(BLOCK * c)) {
         ps.fill(0.0);
         psx.fill(0.0);
-        for (dr, xr) in db.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-            for (((((dv, &xv), &g), &b), sa), sb) in dr
-                .iter_mut()
-                .zip(xr)
-                .zip(gamma)
-                .zip(beta)
-                .zip(ps.iter_mut())
-                .zip(psx.iter_mut())
-            {
-                let y = g * xv + b;
-                let v = if !mask || (y > 0.0 && y < 6.0) {
-                    *dv
-                } else {
-                    0.0
-                };
-                *dv = v;
-                *sa += v;
-                *sb += v * xv;
+        for (dr, zr) in db.chunks_exact(c).zip(zb.chunks_exact(c)) {
+            for j in 0..c {
+                let (xh, v) = masked(dr[j], zr[j], mean[j], invstd[j], gamma[j], beta[j], mask);
+                ps[j] += v;
+                psx[j] += v * xh;
             }
         }
         add_block(s, ps);
@@ -168,44 +204,58 @@ fn add_block(total: &mut [f64], part: &[f32]) {
         .for_each(|(t, &p)| *t += p as f64);
 }
 
-/// `z ← x̂ = (z − μ)·invstd`, `a ← γ·x̂ + β` (ReLU6'd when `relu6`): every element of `a` written.
-#[allow(clippy::too_many_arguments)]
+/// `a ← γ·x̂ + β` (ReLU6'd when `relu6`), `x̂ = (z − μ)·invstd`: every element of `a` written.
 #[inline(always)]
-fn norm_rows_k(
-    z: &mut [f32],
-    a: &mut [MaybeUninit<f32>],
-    c: usize,
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    relu6: bool,
-) {
-    let (mean, invstd, gamma, beta) = (&mean[..c], &invstd[..c], &gamma[..c], &beta[..c]);
-    for (zr, ar) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
-        for (((((zv, av), &m), &is), &g), &b) in zr
-            .iter_mut()
-            .zip(ar.iter_mut())
-            .zip(mean)
-            .zip(invstd)
-            .zip(gamma)
-            .zip(beta)
-        {
-            let xh = (*zv - m) * is;
-            *zv = xh;
-            let y = g * xh + b;
-            av.write(if relu6 { y.clamp(0.0, 6.0) } else { y });
+fn norm_rows_k(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool) {
+    let (mean, invstd, gamma, beta) = p.cut(c);
+    for (zr, ar) in z.chunks_exact(c).zip(a.chunks_exact_mut(c)) {
+        let ar = &mut ar[..c];
+        for j in 0..c {
+            let xh = (zr[j] - mean[j]) * invstd[j];
+            let y = gamma[j] * xh + beta[j];
+            ar[j].write(if relu6 { y.clamp(0.0, 6.0) } else { y });
         }
     }
 }
 
-/// BatchNorm backward per element: `d ← g·(d − md − x̂·mdx)`.
+/// BatchNorm backward per element: `d ← g·(v − md − x̂·mdx)` (see [`masked`] for `x̂`, `v`).
 #[inline(always)]
-fn norm_back_rows_k(d: &mut [f32], x: &[f32], c: usize, g: &[f32], md: &[f32], mdx: &[f32]) {
-    let (g, md, mdx) = (&g[..c], &md[..c], &mdx[..c]);
-    for (dr, xr) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        for ((((dv, &xv), &gg), &m), &mx) in dr.iter_mut().zip(xr).zip(g).zip(md).zip(mdx) {
-            *dv = gg * (*dv - m - xv * mx);
+fn norm_back_rows_k(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: BackCols) {
+    let (mean, invstd, gamma, beta) = p.cut(c);
+    let (g, md, mdx) = (&b.g[..c], &b.md[..c], &b.mdx[..c]);
+    for (dr, zr) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+        let dr = &mut dr[..c];
+        for j in 0..c {
+            let (xh, v) = masked(dr[j], zr[j], mean[j], invstd[j], gamma[j], beta[j], mask);
+            dr[j] = g[j] * (v - md[j] - xh * mdx[j]);
+        }
+    }
+}
+
+/// [`norm_back_rows_k`] into `out` (as long as `d`), leaving `d` as it is.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn norm_back_into_k(
+    d: &[f32],
+    z: &[f32],
+    out: &mut [f32],
+    c: usize,
+    p: Cols,
+    mask: bool,
+    b: BackCols,
+) {
+    let (mean, invstd, gamma, beta) = p.cut(c);
+    let (g, md, mdx) = (&b.g[..c], &b.md[..c], &b.mdx[..c]);
+    assert!(z.len() == d.len() && out.len() == d.len());
+    for ((dr, zr), or) in d
+        .chunks_exact(c)
+        .zip(z.chunks_exact(c))
+        .zip(out.chunks_exact_mut(c))
+    {
+        let (dr, or) = (&dr[..c], &mut or[..c]);
+        for j in 0..c {
+            let (xh, v) = masked(dr[j], zr[j], mean[j], invstd[j], gamma[j], beta[j], mask);
+            or[j] = g[j] * (v - md[j] - xh * mdx[j]);
         }
     }
 }
@@ -256,28 +306,56 @@ mod tests {
     }
 
     #[test]
-    fn masked_sums_match_f64_over_blocks_and_tasks() {
+    fn masked_sums_and_backward_match_a_scalar_reference_over_blocks_and_tasks() {
+        // 1,100 rows: three tasks, the last with a partial block; x̂ is recomputed from z, μ, 1/σ.
         let (rows, c) = (1100, 5);
-        let x = noise(rows * c, 11);
+        let z = noise(rows * c, 11);
         let d0 = noise(rows * c, 13);
         let gamma = [2.0, 1.0, 3.0, 0.5, 8.0];
         let beta = [0.5, 3.0, 1.0, -0.2, 2.0];
+        let mean = [0.1, -0.2, 0.0, 0.3, -0.05];
+        let invstd = [1.5, 0.7, 2.0, 1.0, 3.0];
+        let p = Cols {
+            mean: &mean,
+            invstd: &invstd,
+            gamma: &gamma,
+            beta: &beta,
+        };
+        let (g, md, mdx) = (
+            [0.5, 2.0, 1.0, 3.0, 0.25],
+            [0.01, -0.02, 0.03, 0.0, 0.1],
+            [0.2, 0.1, -0.3, 0.05, 0.0],
+        );
+        let b = BackCols {
+            g: &g,
+            md: &md,
+            mdx: &mdx,
+        };
         for mask in [false, true] {
+            let (s, sx) = masked_col_dot(&d0, &z, c, p, mask);
             let mut d = d0.clone();
-            let (s, sx) = masked_col_dot(&mut d, &x, c, mask.then_some((&gamma[..], &beta[..])));
+            norm_back(&mut d, &z, c, p, mask, b);
+            let mut into = vec![f32::NAN; d0.len()];
+            norm_back_into(&d0, &z, &mut into, c, p, mask, b);
+            assert_eq!(into, d, "out of place = in place (mask {mask})");
             let (mut es, mut esx) = (vec![0f64; c], vec![0f64; c]);
+            let mut zeroed = 0;
             for i in 0..rows * c {
                 let j = i % c;
-                let y = gamma[j] * x[i] + beta[j];
+                let xh = (z[i] - mean[j]) * invstd[j];
+                let y = gamma[j] * xh + beta[j];
                 let v = if !mask || (y > 0.0 && y < 6.0) {
                     d0[i]
                 } else {
+                    zeroed += 1;
                     0.0
                 };
-                assert_eq!(d[i], v, "masked gradient at {i}");
+                let want = g[j] * (v - md[j] - xh * mdx[j]);
+                assert_eq!(d[i], want, "backward at {i} (mask {mask})");
                 es[j] += v as f64;
-                esx[j] += (v * x[i]) as f64;
+                esx[j] += (v * xh) as f64;
             }
+            assert_eq!(zeroed > 0, mask, "the mask must bite in this data");
             for j in 0..c {
                 assert!(
                     (s[j] as f64 - es[j]).abs() < 1e-4,
@@ -290,6 +368,35 @@ mod tests {
                     "dot {j}: {} vs {}",
                     sx[j],
                     esx[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn normalise_writes_every_element_as_the_scalar_formula() {
+        let (rows, c) = (1100, 3);
+        let z = noise(rows * c, 5);
+        let (mean, invstd) = ([0.2, -0.1, 0.0], [4.0, 1.0, 9.0]);
+        let (gamma, beta) = ([1.0, 2.0, -3.0], [0.5, 0.0, 2.0]);
+        let p = Cols {
+            mean: &mean,
+            invstd: &invstd,
+            gamma: &gamma,
+            beta: &beta,
+        };
+        for relu6 in [false, true] {
+            let mut a = vec![MaybeUninit::new(f32::NAN); rows * c];
+            normalise(&z, &mut a, c, p, relu6);
+            for i in 0..rows * c {
+                let j = i % c;
+                let y = gamma[j] * ((z[i] - mean[j]) * invstd[j]) + beta[j];
+                let want = if relu6 { y.clamp(0.0, 6.0) } else { y };
+                // SAFETY: set to NaN above, and `normalise` writes every element.
+                assert_eq!(
+                    unsafe { a[i].assume_init() },
+                    want,
+                    "at {i} (relu6 {relu6})"
                 );
             }
         }

@@ -10,11 +10,11 @@
 //! (the training glue, `train/glue.rs`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
+use crate::cpu::conv_back::{Depthwise, NormBack, Pointwise, depthwise_back, pointwise_back};
 use crate::cpu::depthwise::{DwArgs, depthwise};
-use crate::cpu::depthwise_back::{DwBack, dw_back_one};
 use crate::cpu::engine::{self, Engine, Output};
-use crate::cpu::gemm::{matmul_nn, matmul_nt, matmul_tn};
-use crate::cpu::norm::{ROWS_PER_TASK, col_moments, masked_col_dot, norm_back_rows, norm_rows};
+use crate::cpu::gemm::matmul_nt;
+use crate::cpu::norm::{BackCols, Cols, col_moments, masked_col_dot, normalise};
 use crate::cpu::pool::{self, give_all, per_image};
 use crate::model::device::{device, to_vec as host};
 use crate::model::lite::Lite;
@@ -24,7 +24,6 @@ use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 struct Bn {
     gamma: Vec<f32>,
@@ -129,7 +128,9 @@ struct Block {
 
 /// What a BatchNorm layer keeps for the backward pass.
 struct NormTape {
-    xhat: Vec<f32>,
+    /// The convolution's output, before normalisation (x̂ is recomputed from it, [`NormTape::cols`]).
+    z: Vec<f32>,
+    mean: Vec<f32>,
     invstd: Vec<f32>,
     /// Batch statistics (training mode), for the running averages.
     batch: Option<(Vec<f32>, Vec<f32>)>,
@@ -318,49 +319,44 @@ impl Backbone {
                 row.iter_mut().zip(g).for_each(|(o, v)| *o = v * inv);
             }
         });
-        let dz = self.norm_backward(hd, &tape.head, da, true, &mut out);
-        out.push_weight(hd, matmul_tn(&dz, n * px, c, &tape.head_x, hd.cin()));
         let stem_trains = matches!(self.below, Below::Stem(_));
         let need_dx = !self.blocks.is_empty() || stem_trains;
-        let mut dx = if need_dx {
-            matmul_nn(&dz, n * px, c, &hd.w, hd.cin())
-        } else {
-            Vec::new()
-        };
-        give_all([dz, tape.head_x, tape.head.xhat]);
+        let mut dx =
+            self.pointwise_backward(hd, &tape.head, da, true, &tape.head_x, need_dx, &mut out);
+        give_all([tape.head_x, tape.head.z]);
         for (i, (b, t)) in self.blocks.iter().zip(tape.blocks).enumerate().rev() {
             let first = i == 0 && !stem_trains;
-            let rows_out = n * t.side_out * t.side_out;
-            let rows_in = n * t.side_in * t.side_in;
             let d_res = if b.residual && !first {
                 Some(pool::copy_of(&dx))
             } else {
                 None
             };
             // Project (no activation).
-            let p = &b.project;
-            let dz = self.norm_backward(p, &t.t3, dx, false, &mut out);
-            out.push_weight(p, matmul_tn(&dz, rows_out, p.cout(), &t.a2, p.cin()));
-            let da2 = matmul_nn(&dz, rows_out, p.cout(), &p.w, p.cin());
-            give_all([dz, t.a2, t.t3.xhat]);
+            let da2 = self.pointwise_backward(&b.project, &t.t3, dx, false, &t.a2, true, &mut out);
+            give_all([t.a2, t.t3.z]);
             // Depthwise.
-            let dz = self.norm_backward(&b.dw, &t.t2, da2, true, &mut out);
             let src = t.a1.as_deref().unwrap_or(&t.x);
             let need_src_grad = b.expand.is_some() || !first;
-            let (da1, dw) = dw_backward(&b.dw, src, &dz, n, t.side_in, t.side_out, need_src_grad);
-            out.push_weight(&b.dw, dw);
-            give_all([dz, t.t2.xhat]);
+            let dw = &b.dw;
+            let f = self.norm_grads(dw, &t.t2, &da2, true, &mut out);
+            let shape = Depthwise {
+                x: src,
+                wt: &dw.w,
+                n,
+                h: t.side_in,
+                ho: t.side_out,
+                c: dw.cout(),
+                k: dw.dims[2],
+                stride: dw.stride,
+            };
+            let (da1, g) = depthwise_back(da2, f.norm(&t.t2, &dw.bn, true), shape, need_src_grad);
+            out.push_weight(dw, g);
+            pool::give(t.t2.z);
             // Expand.
             dx = match (&b.expand, t.t1) {
                 (Some(e), Some(t1)) => {
-                    let dz = self.norm_backward(e, &t1, da1, true, &mut out);
-                    out.push_weight(e, matmul_tn(&dz, rows_in, e.cout(), &t.x, e.cin()));
-                    let dx = if first {
-                        Vec::new()
-                    } else {
-                        matmul_nn(&dz, rows_in, e.cout(), &e.w, e.cin())
-                    };
-                    give_all([dz, t1.xhat]);
+                    let dx = self.pointwise_backward(e, &t1, da1, true, &t.x, !first, &mut out);
+                    pool::give(t1.z);
                     dx
                 }
                 _ => da1,
@@ -374,34 +370,55 @@ impl Backbone {
             }
         }
         if let (Below::Stem(stem), Some((col, t))) = (&self.below, tape.stem) {
-            let dz = self.norm_backward(stem, &t, dx, true, &mut out);
-            let rows = col.len() / 27;
-            out.push_weight(stem, matmul_tn(&dz, rows, stem.cout(), &col, 27));
-            give_all([dz, col, t.xhat]);
+            self.pointwise_backward(stem, &t, dx, true, &col, false, &mut out);
+            give_all([col, t.z]);
         }
         out
     }
 
-    /// BatchNorm (+ ReLU6) backward: the gradient at the convolution's output, and γ, β's
-    /// gradients and running averages recorded in `out`.
-    fn norm_backward(
+    /// A 1×1 convolution (the stem as its im2col's product) and its BatchNorm (+ ReLU6) backward
+    /// from `d`, the gradient at the BatchNorm's output: the weight's and γ, β's gradients and the
+    /// running averages recorded in `out`; returns the input gradient (empty unless `need_dx`).
+    #[allow(clippy::too_many_arguments)]
+    fn pointwise_backward(
         &self,
         conv: &Conv,
         t: &NormTape,
-        mut d: Vec<f32>,
+        d: Vec<f32>,
         relu6: bool,
+        x: &[f32],
+        need_dx: bool,
         out: &mut Backward,
     ) -> Vec<f32> {
+        let f = self.norm_grads(conv, t, &d, relu6, out);
+        let (n, k) = (conv.cout(), conv.cin());
+        let shape = Pointwise {
+            x,
+            w: &conv.w,
+            rows: d.len() / n,
+            n,
+            k,
+        };
+        let (g, dx) = pointwise_back(d, f.norm(t, &conv.bn, relu6), shape, need_dx);
+        out.push_weight(conv, g);
+        dx
+    }
+
+    /// BatchNorm (+ ReLU6) backward's first half, from `d`, the gradient at its output: γ, β's
+    /// gradients and the running averages recorded in `out`, and the factors of the second half.
+    fn norm_grads(
+        &self,
+        conv: &Conv,
+        t: &NormTape,
+        d: &[f32],
+        relu6: bool,
+        out: &mut Backward,
+    ) -> Factors {
         let bn = &conv.bn;
         let c = bn.gamma.len();
-        // One pass: the ReLU6 mask applied to `d` (where γ·x̂ + β is outside (0, 6)), and the
-        // column sums of d and d·x̂.
-        let (sum_d, sum_dx) = masked_col_dot(
-            &mut d,
-            &t.xhat,
-            c,
-            relu6.then_some((&bn.gamma[..], &bn.beta[..])),
-        );
+        // The column sums of the masked d and d·x̂, x̂ and the ReLU6 mask (zero where γ·x̂ + β is
+        // outside (0, 6)) recomputed from z.
+        let (sum_d, sum_dx) = masked_col_dot(d, &t.z, c, t.cols(bn), relu6);
         let rows = (d.len() / c) as f32;
         let g: Vec<f32> = (0..c).map(|j| bn.gamma[j] * t.invstd[j]).collect();
         let (md, mdx): (Vec<f32>, Vec<f32>) = if self.train_bn {
@@ -412,9 +429,6 @@ impl Backbone {
         } else {
             (vec![0.0; c], vec![0.0; c])
         };
-        d.par_chunks_mut(ROWS_PER_TASK * c)
-            .zip(t.xhat.par_chunks(ROWS_PER_TASK * c))
-            .for_each(|(dc, xc)| norm_back_rows(dc, xc, c, &g, &md, &mdx));
         let dev = device();
         out.grads.push((
             bn.gamma_id,
@@ -435,7 +449,30 @@ impl Backbone {
             out.running
                 .push((bn.gamma_id, mix(&bn.mean, m), mix(&bn.var, v)));
         }
-        d
+        Factors { g, md, mdx }
+    }
+}
+
+/// The per-channel factors of a BatchNorm backward's second half (see [`BackCols`]).
+struct Factors {
+    g: Vec<f32>,
+    md: Vec<f32>,
+    mdx: Vec<f32>,
+}
+
+impl Factors {
+    /// The BatchNorm's part of a convolution's backward.
+    fn norm<'a>(&'a self, t: &'a NormTape, bn: &'a Bn, relu6: bool) -> NormBack<'a> {
+        NormBack {
+            z: &t.z,
+            cols: t.cols(bn),
+            mask: relu6,
+            back: BackCols {
+                g: &self.g,
+                md: &self.md,
+                mdx: &self.mdx,
+            },
+        }
     }
 }
 
@@ -469,13 +506,7 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
 
 /// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
 /// `γ·x̂ + β` (ReLU6'd when `relu6`).
-fn norm_forward(
-    bn: &Bn,
-    mut z: Vec<f32>,
-    c: usize,
-    train: bool,
-    relu6: bool,
-) -> (NormTape, Vec<f32>) {
+fn norm_forward(bn: &Bn, z: Vec<f32>, c: usize, train: bool, relu6: bool) -> (NormTape, Vec<f32>) {
     let (mean, var, batch) = if train {
         let (m, v) = col_moments(&z, c);
         (m.clone(), v.clone(), Some((m, v)))
@@ -483,21 +514,36 @@ fn norm_forward(
         (bn.mean.clone(), bn.var.clone(), None)
     };
     let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-    let len = z.len();
+    let t = NormTape {
+        z,
+        mean,
+        invstd,
+        batch,
+    };
+    let len = t.z.len();
     let mut a = pool::take(len);
-    z.par_chunks_mut(ROWS_PER_TASK * c)
-        .zip(a.spare_capacity_mut()[..len].par_chunks_mut(ROWS_PER_TASK * c))
-        .for_each(|(zc, ac)| norm_rows(zc, ac, c, &mean, &invstd, &bn.gamma, &bn.beta, relu6));
-    // SAFETY: `norm_rows` wrote every one of the `len` floats (whole rows in every chunk).
+    normalise(
+        &t.z,
+        &mut a.spare_capacity_mut()[..len],
+        c,
+        t.cols(bn),
+        relu6,
+    );
+    // SAFETY: `normalise` wrote every one of the `len` floats.
     unsafe { a.set_len(len) };
-    (
-        NormTape {
-            xhat: z,
-            invstd,
-            batch,
-        },
-        a,
-    )
+    (t, a)
+}
+
+impl NormTape {
+    /// The layer's normalisation and affine numbers for the row kernels.
+    fn cols<'a>(&'a self, bn: &'a Bn) -> Cols<'a> {
+        Cols {
+            mean: &self.mean,
+            invstd: &self.invstd,
+            gamma: &bn.gamma,
+            beta: &bn.beta,
+        }
+    }
 }
 
 /// Depthwise convolution of a batch `[n][h][h][c]` → `[n][ho][ho][c]`, no bias, threaded over images.
@@ -520,63 +566,4 @@ fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32>
         };
         depthwise(&a, o);
     })
-}
-
-/// Depthwise convolution backward: the input gradient (when `need_dx`) and the tap-major weight
-/// gradient, threaded over images with per-task weight-gradient sums.
-fn dw_backward(
-    conv: &Conv,
-    x: &[f32],
-    dz: &[f32],
-    n: usize,
-    h: usize,
-    ho: usize,
-    need_dx: bool,
-) -> (Vec<f32>, Vec<f32>) {
-    let c = conv.cout();
-    let k = conv.dims[2];
-    let per_in = h * h * c;
-    let len = if need_dx { n * per_in } else { 0 };
-    let mut dx = pool::take(len);
-    let per_out = ho * ho * c;
-    let job = |img: usize, dxi: &mut [MaybeUninit<f32>], dw: &mut [f32]| {
-        let a = DwBack {
-            x: &x[img * per_in..(img + 1) * per_in],
-            dz: &dz[img * per_out..(img + 1) * per_out],
-            h,
-            ho,
-            c,
-            k,
-            stride: conv.stride,
-            wt: &conv.w,
-        };
-        dw_back_one(&a, dxi, dw);
-    };
-    let zero = || vec![0f32; k * k * c];
-    let add = |mut a: Vec<f32>, b: Vec<f32>| {
-        a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-        a
-    };
-    let dw = if need_dx && len > 0 {
-        let dw = dx.spare_capacity_mut()[..len]
-            .par_chunks_mut(per_in)
-            .enumerate()
-            .fold(zero, |mut dw, (img, dxi)| {
-                job(img, dxi, &mut dw);
-                dw
-            })
-            .reduce(zero, add);
-        // SAFETY: `dw_back_one` wrote every float of every image's part (the chunks cover them).
-        unsafe { dx.set_len(len) };
-        dw
-    } else {
-        (0..n)
-            .into_par_iter()
-            .fold(zero, |mut dw, img| {
-                job(img, &mut [], &mut dw);
-                dw
-            })
-            .reduce(zero, add)
-    };
-    (dx, dw)
 }
