@@ -4,7 +4,7 @@
 //! (reads the backbone's weights) and nothing above it.
 
 pub mod aligned;
-pub mod conv_back;
+pub mod conv_bn;
 pub mod depthwise;
 pub mod depthwise_back;
 pub mod engine;

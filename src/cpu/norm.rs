@@ -48,7 +48,7 @@ pub struct BackCols<'a> {
 
 multiversion!(fn mask_dot => mask_dot_k(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool, s: &mut [f64], sx: &mut [f64], part: &mut [f32]));
 multiversion!(fn moments => moments_k(x: &[f32], c: usize, shift: &[f32], s: &mut [f64], s2: &mut [f64], part: &mut [f32]));
-multiversion!(fn norm_rows => norm_rows_k(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool));
+multiversion!(pub fn norm_rows => norm_rows_k(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool));
 multiversion!(fn norm_back_rows => norm_back_rows_k(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: BackCols));
 multiversion!(pub fn norm_back_into => norm_back_into_k(d: &[f32], z: &[f32], out: &mut [f32], c: usize, p: Cols, mask: bool, b: BackCols));
 
@@ -89,6 +89,21 @@ pub fn masked_col_dot(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool) -> (V
         a.into_iter().map(|v| v as f32).collect(),
         b.into_iter().map(|v| v as f32).collect(),
     )
+}
+
+/// [`masked_col_dot`] of one slice on the calling thread, added to the f64 totals `s`, `sx` (`c` each).
+pub fn masked_sums_add(
+    d: &[f32],
+    z: &[f32],
+    c: usize,
+    p: Cols,
+    mask: bool,
+    s: &mut [f64],
+    sx: &mut [f64],
+) {
+    assert_eq!(z.len(), d.len());
+    let mut part = vec![0f32; 2 * c];
+    mask_dot(d, z, c, p, mask, s, sx, &mut part);
 }
 
 /// Per-column mean and (biased) variance over the rows of `x` (at least one row). The sums are of

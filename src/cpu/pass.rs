@@ -10,8 +10,9 @@
 //! (the training glue, `train/glue.rs`) registers with burn's optimiser like any other. A frozen prefix runs through the inference [`Engine`]. Same gradients as burn's autodiff of
 //! the same network within float rounding (tested in `tests/train.rs`).
 
-use crate::cpu::conv_back::{Depthwise, NormBack, Pointwise, depthwise_back, pointwise_back};
-use crate::cpu::depthwise::{DwArgs, depthwise};
+use crate::cpu::conv_bn::{
+    Depthwise, NormBack, Pointwise, Sums, depthwise_back, depthwise_forward, pointwise_back,
+};
 use crate::cpu::engine::{self, Engine, Output};
 use crate::cpu::gemm::matmul_nt;
 use crate::cpu::norm::{BackCols, Cols, col_moments, masked_col_dot, normalise};
@@ -126,6 +127,35 @@ struct Block {
     residual: bool,
 }
 
+impl Block {
+    /// The depthwise convolution over `n` images `h` → `ho`: its input is the expansion's
+    /// BatchNorm + ReLU6 of its `z` (in `t1`), or without expansion the block's input `x`.
+    fn dw_input<'a>(
+        &'a self,
+        t1: &'a Option<NormTape>,
+        x: &'a [f32],
+        n: usize,
+        h: usize,
+        ho: usize,
+    ) -> Depthwise<'a> {
+        let (x, x_norm) = match (&self.expand, t1) {
+            (Some(e), Some(t)) => (&t.z[..], Some(t.cols(&e.bn))),
+            _ => (x, None),
+        };
+        Depthwise {
+            x,
+            x_norm,
+            wt: &self.dw.w,
+            n,
+            h,
+            ho,
+            c: self.dw.cout(),
+            k: self.dw.dims[2],
+            stride: self.dw.stride,
+        }
+    }
+}
+
 /// What a BatchNorm layer keeps for the backward pass.
 struct NormTape {
     /// The convolution's output, before normalisation (x̂ is recomputed from it, [`NormTape::cols`]).
@@ -138,7 +168,6 @@ struct NormTape {
 
 struct BlockTape {
     x: Vec<f32>,
-    a1: Option<Vec<f32>>,
     a2: Vec<f32>,
     t1: Option<NormTape>,
     t2: NormTape,
@@ -243,17 +272,14 @@ impl Backbone {
         };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let (t1, a1) = match &b.expand {
-                Some(e) => {
-                    let z = matmul_nt(&x, x.len() / e.cin(), e.cin(), &e.w, e.cout());
-                    let (t, a) = norm_forward(&e.bn, z, e.cout(), self.train_bn, true);
-                    (Some(t), Some(a))
-                }
-                None => (None, None),
-            };
-            let src = a1.as_deref().unwrap_or(&x);
+            // The expansion's BatchNorm + ReLU6 output is computed per image where the depthwise
+            // convolution reads it (forward and backward), never stored.
+            let t1 = b.expand.as_ref().map(|e| {
+                let z = matmul_nt(&x, x.len() / e.cin(), e.cin(), &e.w, e.cout());
+                norm_stats(&e.bn, z, e.cout(), self.train_bn)
+            });
             let ho = b.dw.out_side(h);
-            let z = dw_forward(&b.dw, src, n, h, ho);
+            let z = depthwise_forward(b.dw_input(&t1, &x, n, h, ho));
             let (t2, a2) = norm_forward(&b.dw.bn, z, b.dw.cout(), self.train_bn, true);
             let p = &b.project;
             let z = matmul_nt(&a2, n * ho * ho, p.cin(), &p.w, p.cout());
@@ -265,7 +291,6 @@ impl Backbone {
             }
             blocks.push(BlockTape {
                 x: std::mem::replace(&mut x, y),
-                a1,
                 a2,
                 t1,
                 t2,
@@ -321,8 +346,16 @@ impl Backbone {
         });
         let stem_trains = matches!(self.below, Below::Stem(_));
         let need_dx = !self.blocks.is_empty() || stem_trains;
-        let mut dx =
-            self.pointwise_backward(hd, &tape.head, da, true, &tape.head_x, need_dx, &mut out);
+        let mut dx = self.pointwise_backward(
+            hd,
+            &tape.head,
+            da,
+            true,
+            &tape.head_x,
+            need_dx,
+            None,
+            &mut out,
+        );
         give_all([tape.head_x, tape.head.z]);
         for (i, (b, t)) in self.blocks.iter().zip(tape.blocks).enumerate().rev() {
             let first = i == 0 && !stem_trains;
@@ -332,36 +365,29 @@ impl Backbone {
                 None
             };
             // Project (no activation).
-            let da2 = self.pointwise_backward(&b.project, &t.t3, dx, false, &t.a2, true, &mut out);
+            let da2 =
+                self.pointwise_backward(&b.project, &t.t3, dx, false, &t.a2, true, None, &mut out);
             give_all([t.a2, t.t3.z]);
-            // Depthwise.
-            let src = t.a1.as_deref().unwrap_or(&t.x);
+            // Depthwise, with the expansion BatchNorm's column sums.
             let need_src_grad = b.expand.is_some() || !first;
             let dw = &b.dw;
-            let f = self.norm_grads(dw, &t.t2, &da2, true, &mut out);
-            let shape = Depthwise {
-                x: src,
-                wt: &dw.w,
-                n,
-                h: t.side_in,
-                ho: t.side_out,
-                c: dw.cout(),
-                k: dw.dims[2],
-                stride: dw.stride,
-            };
-            let (da1, g) = depthwise_back(da2, f.norm(&t.t2, &dw.bn, true), shape, need_src_grad);
+            let f = self.norm_grads(dw, &t.t2, &da2, true, None, &mut out);
+            let shape = b.dw_input(&t.t1, &t.x, n, t.side_in, t.side_out);
+            let norm = f.norm(&t.t2, &dw.bn, true);
+            let (da1, g, sums) = depthwise_back(da2, norm, shape, need_src_grad);
             out.push_weight(dw, g);
             pool::give(t.t2.z);
             // Expand.
             dx = match (&b.expand, t.t1) {
                 (Some(e), Some(t1)) => {
-                    let dx = self.pointwise_backward(e, &t1, da1, true, &t.x, !first, &mut out);
+                    let dx =
+                        self.pointwise_backward(e, &t1, da1, true, &t.x, !first, sums, &mut out);
                     pool::give(t1.z);
                     dx
                 }
                 _ => da1,
             };
-            give_all([t.x, t.a1.unwrap_or_default()]);
+            pool::give(t.x);
             if let Some(r) = d_res {
                 dx.par_iter_mut()
                     .zip(r.par_iter())
@@ -370,7 +396,7 @@ impl Backbone {
             }
         }
         if let (Below::Stem(stem), Some((col, t))) = (&self.below, tape.stem) {
-            self.pointwise_backward(stem, &t, dx, true, &col, false, &mut out);
+            self.pointwise_backward(stem, &t, dx, true, &col, false, None, &mut out);
             give_all([col, t.z]);
         }
         out
@@ -379,6 +405,7 @@ impl Backbone {
     /// A 1×1 convolution (the stem as its im2col's product) and its BatchNorm (+ ReLU6) backward
     /// from `d`, the gradient at the BatchNorm's output: the weight's and γ, β's gradients and the
     /// running averages recorded in `out`; returns the input gradient (empty unless `need_dx`).
+    /// `sums`: the BatchNorm's column sums when already known.
     #[allow(clippy::too_many_arguments)]
     fn pointwise_backward(
         &self,
@@ -388,9 +415,10 @@ impl Backbone {
         relu6: bool,
         x: &[f32],
         need_dx: bool,
+        sums: Option<Sums>,
         out: &mut Backward,
     ) -> Vec<f32> {
-        let f = self.norm_grads(conv, t, &d, relu6, out);
+        let f = self.norm_grads(conv, t, &d, relu6, sums, out);
         let (n, k) = (conv.cout(), conv.cin());
         let shape = Pointwise {
             x,
@@ -406,19 +434,21 @@ impl Backbone {
 
     /// BatchNorm (+ ReLU6) backward's first half, from `d`, the gradient at its output: γ, β's
     /// gradients and the running averages recorded in `out`, and the factors of the second half.
+    /// `sums`: the column sums when already known (else computed here).
     fn norm_grads(
         &self,
         conv: &Conv,
         t: &NormTape,
         d: &[f32],
         relu6: bool,
+        sums: Option<Sums>,
         out: &mut Backward,
     ) -> Factors {
         let bn = &conv.bn;
         let c = bn.gamma.len();
         // The column sums of the masked d and d·x̂, x̂ and the ReLU6 mask (zero where γ·x̂ + β is
         // outside (0, 6)) recomputed from z.
-        let (sum_d, sum_dx) = masked_col_dot(d, &t.z, c, t.cols(bn), relu6);
+        let (sum_d, sum_dx) = sums.unwrap_or_else(|| masked_col_dot(d, &t.z, c, t.cols(bn), relu6));
         let rows = (d.len() / c) as f32;
         let g: Vec<f32> = (0..c).map(|j| bn.gamma[j] * t.invstd[j]).collect();
         let (md, mdx): (Vec<f32>, Vec<f32>) = if self.train_bn {
@@ -504,9 +534,9 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
     })
 }
 
-/// BatchNorm forward over `[rows][c]`: turns `z` into x̂ (kept) and returns the activation
-/// `γ·x̂ + β` (ReLU6'd when `relu6`).
-fn norm_forward(bn: &Bn, z: Vec<f32>, c: usize, train: bool, relu6: bool) -> (NormTape, Vec<f32>) {
+/// BatchNorm's statistics of `z` (`[rows][c]`): the batch's (training mode) or the running ones,
+/// and the tape that keeps `z`.
+fn norm_stats(bn: &Bn, z: Vec<f32>, c: usize, train: bool) -> NormTape {
     let (mean, var, batch) = if train {
         let (m, v) = col_moments(&z, c);
         (m.clone(), v.clone(), Some((m, v)))
@@ -514,12 +544,18 @@ fn norm_forward(bn: &Bn, z: Vec<f32>, c: usize, train: bool, relu6: bool) -> (No
         (bn.mean.clone(), bn.var.clone(), None)
     };
     let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-    let t = NormTape {
+    NormTape {
         z,
         mean,
         invstd,
         batch,
-    };
+    }
+}
+
+/// BatchNorm forward over `[rows][c]`: the tape (which keeps `z`) and the activation `γ·x̂ + β`
+/// (ReLU6'd when `relu6`).
+fn norm_forward(bn: &Bn, z: Vec<f32>, c: usize, train: bool, relu6: bool) -> (NormTape, Vec<f32>) {
+    let t = norm_stats(bn, z, c, train);
     let len = t.z.len();
     let mut a = pool::take(len);
     normalise(
@@ -544,26 +580,4 @@ impl NormTape {
             beta: &bn.beta,
         }
     }
-}
-
-/// Depthwise convolution of a batch `[n][h][h][c]` → `[n][ho][ho][c]`, no bias, threaded over images.
-fn dw_forward(conv: &Conv, x: &[f32], n: usize, h: usize, ho: usize) -> Vec<f32> {
-    let c = conv.cout();
-    let zeros = vec![0f32; c];
-    debug_assert_eq!(n * h * h * c, x.len());
-    per_image(n, ho * ho * c, |i, o| {
-        let a = DwArgs {
-            x: &x[i * h * h * c..(i + 1) * h * h * c],
-            y0: 0,
-            h,
-            w: h,
-            c,
-            k: conv.dims[2],
-            stride: conv.stride,
-            wt: &conv.w,
-            bias: &zeros,
-            relu6: false,
-        };
-        depthwise(&a, o);
-    })
 }

@@ -140,6 +140,29 @@ pub fn per_image(n: usize, per: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> 
     v
 }
 
+/// Scratch buffers per thread ([`with_scratch`]).
+const SLOTS: usize = 2;
+
+thread_local! {
+    static SCRATCH: [std::cell::RefCell<Vec<f32>>; SLOTS] = const {
+        [const { std::cell::RefCell::new(Vec::new()) }; SLOTS]
+    };
+}
+
+/// Runs `f` on this thread's scratch buffer number `slot` (< 2) of `len` floats, kept for the
+/// thread's next call: no allocation, page faults or zero-filling per call. The values are stale
+/// (zeros the first time, then whatever the last user left): `f` writes what it reads first. `f`
+/// must not ask for the same slot again.
+pub fn with_scratch<R>(slot: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut v = s[slot].borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
+}
+
 /// Hands finished buffers back to the pool for the next step.
 pub fn give_all<const N: usize>(bufs: [Vec<f32>; N]) {
     bufs.into_iter().for_each(give);

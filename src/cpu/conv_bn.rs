@@ -1,20 +1,25 @@
-//! The training pass's backward through a convolution and the BatchNorm after it, once the
-//! BatchNorm's column sums are known: the BatchNorm's second half (`dz = g·(v − md − x̂·mdx)`, see
-//! [`crate::cpu::norm`]) fused with the convolution's gradients, so that `dz` never goes to memory
-//! on the large early layers.
+//! The training pass's convolutions fused with the BatchNorm around them, so that the large
+//! early activations go to memory fewer times.
 //!
-//! - A 1×1 convolution ([`pointwise_back`]) with enough rows runs in parts of rows: each part's
-//!   `dz` is computed into a scratch buffer that stays in the core's L2, then its share of the
-//!   weight gradient (`dzᵀ·x`) and its rows of the input gradient (`dz·w`) are two single-threaded
-//!   products over it. The parts depend on the shape alone and their weight-gradient sums are added
-//!   in part order, so the result does not depend on the number of threads. Layers with few rows
-//!   (the deep 4×4 ones) run the BatchNorm pass and the `gemm` crate's threaded products instead.
-//! - A depthwise convolution ([`depthwise_back`]) runs per image: the image's `dz` into scratch,
-//!   then [`dw_back_one`].
+//! - Backward, once a BatchNorm's column sums are known: its second half (`dz = g·(v − md −
+//!   x̂·mdx)`, see [`crate::cpu::norm`]) is fused with the convolution's gradients, so `dz` never
+//!   goes to memory on the large layers. A 1×1 convolution ([`pointwise_back`]) with enough rows
+//!   runs in parts of rows: each part's `dz` is computed into a scratch buffer that stays in the
+//!   core's L2, then its share of the weight gradient (`dzᵀ·x`) and its rows of the input gradient
+//!   (`dz·w`) are two single-threaded products over it. The parts depend on the shape alone and
+//!   their weight-gradient sums are added in part order, so the result does not depend on the
+//!   number of threads. Layers with few rows (the deep 4×4 ones) run the BatchNorm pass and the
+//!   `gemm` crate's threaded products instead. A depthwise convolution ([`depthwise_back`]) runs
+//!   per image: the image's `dz` into scratch, then [`dw_back_one`].
+//! - A depthwise convolution after an expansion reads the expansion's BatchNorm + ReLU6 output,
+//!   which is never stored: forward ([`depthwise_forward`]) and backward compute each image's
+//!   input into scratch from the expansion's `z`. The backward also adds up, per image while its
+//!   input gradient is in cache, the expansion BatchNorm's column sums, added in image order.
 
+use crate::cpu::depthwise::{DwArgs, depthwise};
 use crate::cpu::depthwise_back::{DwBack, dw_back_one};
 use crate::cpu::gemm::{gemm_rm, gemm_uninit, matmul_nn, matmul_tn};
-use crate::cpu::norm::{BackCols, Cols, norm_back, norm_back_into};
+use crate::cpu::norm::{BackCols, Cols, masked_sums_add, norm_back, norm_back_into, norm_rows};
 use crate::cpu::pool;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -68,29 +73,29 @@ pub fn pointwise_back(
         pool::give(d);
         return (wg, dx);
     }
-    let job = |i: usize, scratch: &mut Vec<f32>, dx: Option<&mut [MaybeUninit<f32>]>| {
+    let job = |i: usize, dx: Option<&mut [MaybeUninit<f32>]>| {
         let r0 = i * part;
         let r = part.min(rows - r0);
-        scratch.resize(r * n, 0.0);
-        let dz = &mut scratch[..r * n];
-        let (zp, dp) = (&norm.z[r0 * n..][..r * n], &d[r0 * n..][..r * n]);
-        norm_back_into(dp, zp, dz, n, norm.cols, norm.mask, norm.back);
-        let mut g = vec![0f32; n * k];
-        let xp = &x[r0 * k..][..r * k];
-        gemm_rm(
-            &mut g,
-            [n, k, r],
-            dz,
-            [1, n as isize],
-            xp,
-            [k as isize, 1],
-            false,
-            false,
-        );
-        if let Some(dx) = dx {
-            gemm_uninit(dx, [r, k, n], dz, [n as isize, 1], w, [k as isize, 1]);
-        }
-        g
+        pool::with_scratch(0, r * n, |dz| {
+            let (zp, dp) = (&norm.z[r0 * n..][..r * n], &d[r0 * n..][..r * n]);
+            norm_back_into(dp, zp, dz, n, norm.cols, norm.mask, norm.back);
+            let mut g = vec![0f32; n * k];
+            let xp = &x[r0 * k..][..r * k];
+            gemm_rm(
+                &mut g,
+                [n, k, r],
+                dz,
+                [1, n as isize],
+                xp,
+                [k as isize, 1],
+                false,
+                false,
+            );
+            if let Some(dx) = dx {
+                gemm_uninit(dx, [r, k, n], dz, [n as isize, 1], w, [k as isize, 1]);
+            }
+            g
+        })
     };
     let parts = rows.div_ceil(part);
     let mut dx = pool::take(if need_dx { rows * k } else { 0 });
@@ -98,13 +103,10 @@ pub fn pointwise_back(
         dx.spare_capacity_mut()[..rows * k]
             .par_chunks_mut(part * k)
             .enumerate()
-            .map_init(Vec::new, |s, (i, o)| job(i, s, Some(o)))
+            .map(|(i, o)| job(i, Some(o)))
             .collect()
     } else {
-        (0..parts)
-            .into_par_iter()
-            .map_init(Vec::new, |s, i| job(i, s, None))
-            .collect()
+        (0..parts).into_par_iter().map(|i| job(i, None)).collect()
     };
     if need_dx {
         // SAFETY: every part's product wrote its `r·k` floats, and the parts cover all `rows`.
@@ -120,10 +122,12 @@ pub fn pointwise_back(
 }
 
 /// A depthwise convolution's shape and tap-major weights `[k·k][c]`, over `n` images `[h][h][c]` →
-/// `[ho][ho][c]`.
+/// `[ho][ho][c]`. Its input is `x`, or with `x_norm` ReLU6(BatchNorm(`x`)) with those numbers (`x`
+/// is then the expansion's `z`).
 #[derive(Clone, Copy)]
 pub struct Depthwise<'a> {
     pub x: &'a [f32],
+    pub x_norm: Option<Cols<'a>>,
     pub wt: &'a [f32],
     pub n: usize,
     pub h: usize,
@@ -133,71 +137,137 @@ pub struct Depthwise<'a> {
     pub stride: usize,
 }
 
+impl Depthwise<'_> {
+    /// Runs `f` on image `img`'s input: a slice of `x`, or its normalised rows in scratch slot 1.
+    fn input<R>(&self, img: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        let per = self.h * self.h * self.c;
+        let x = &self.x[img * per..(img + 1) * per];
+        match self.x_norm {
+            None => f(x),
+            Some(cols) => pool::with_scratch(1, per, |a| {
+                // SAFETY: `norm_rows` writes every element, and f32 has no invalid bit patterns.
+                let out = unsafe { &mut *(a as *mut [f32] as *mut [MaybeUninit<f32>]) };
+                norm_rows(x, out, self.c, cols, true);
+                f(a)
+            }),
+        }
+    }
+}
+
+/// The depthwise convolution forward (no bias), threaded over images: `[n][ho][ho][c]`.
+pub fn depthwise_forward(a: Depthwise) -> Vec<f32> {
+    let (h, c, per_out) = (a.h, a.c, a.ho * a.ho * a.c);
+    assert!(a.x.len() >= a.n * h * h * c);
+    let zeros = vec![0f32; c];
+    pool::per_image(a.n, per_out, |i, o| {
+        a.input(i, |x| {
+            let args = DwArgs {
+                x,
+                y0: 0,
+                h,
+                w: h,
+                c,
+                k: a.k,
+                stride: a.stride,
+                wt: a.wt,
+                bias: &zeros,
+                relu6: false,
+            };
+            depthwise(&args, o);
+        })
+    })
+}
+
+/// Column sums of a BatchNorm backward's first half (see [`crate::cpu::norm::masked_col_dot`]).
+pub type Sums = (Vec<f32>, Vec<f32>);
+
+/// [`Sums`] in f64, before they are added up.
+type Sums64 = (Vec<f64>, Vec<f64>);
+
 /// The gradients of a depthwise convolution followed by BatchNorm, from `d`, the gradient at the
 /// BatchNorm's output (`[n][ho][ho][c]`, before the ReLU6 mask): the input gradient (when `need_dx`,
-/// else empty) and the tap-major weight gradient, threaded over images with per-task weight sums.
-/// `d` goes back to the buffer pool.
+/// else empty), the tap-major weight gradient (images' shares added in image order), and with
+/// `x_norm` and `need_dx` the expansion BatchNorm's column sums of the input gradient (masked, as
+/// [`crate::cpu::norm::masked_col_dot`] of it against `x`). Threaded over images; `d` goes back to
+/// the buffer pool.
 pub fn depthwise_back(
     d: Vec<f32>,
     norm: NormBack,
     a: Depthwise,
     need_dx: bool,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Option<Sums>) {
     let Depthwise {
         x, n, h, ho, c, k, ..
     } = a;
     let per_in = h * h * c;
     let per_out = ho * ho * c;
     assert!(d.len() == n * per_out && norm.z.len() == d.len() && x.len() >= n * per_in);
+    let sums = need_dx && a.x_norm.is_some();
     let len = if need_dx { n * per_in } else { 0 };
     let mut dx = pool::take(len);
-    let job = |img: usize, dxi: &mut [MaybeUninit<f32>], dw: &mut [f32], dz: &mut Vec<f32>| {
-        dz.resize(per_out, 0.0);
-        let (dp, zp) = (
-            &d[img * per_out..][..per_out],
-            &norm.z[img * per_out..][..per_out],
-        );
-        norm_back_into(dp, zp, dz, c, norm.cols, norm.mask, norm.back);
-        let b = DwBack {
-            x: &x[img * per_in..(img + 1) * per_in],
-            dz,
-            h,
-            ho,
-            c,
-            k,
-            stride: a.stride,
-            wt: a.wt,
+    // One image: its weight-gradient share, and the expansion's column sums when `sums`.
+    let job = |img: usize, dxi: &mut [MaybeUninit<f32>]| {
+        let mut dw = vec![0f32; k * k * c];
+        pool::with_scratch(0, per_out, |dz| {
+            let (dp, zp) = (
+                &d[img * per_out..][..per_out],
+                &norm.z[img * per_out..][..per_out],
+            );
+            norm_back_into(dp, zp, dz, c, norm.cols, norm.mask, norm.back);
+            a.input(img, |xi| {
+                let b = DwBack {
+                    x: xi,
+                    dz,
+                    h,
+                    ho,
+                    c,
+                    k,
+                    stride: a.stride,
+                    wt: a.wt,
+                };
+                dw_back_one(&b, dxi, &mut dw);
+            })
+        });
+        let s = match (sums, a.x_norm) {
+            (true, Some(cols)) => {
+                // SAFETY: `dw_back_one` wrote every float of the image's input gradient.
+                let dxi = unsafe { &*(dxi as *const [MaybeUninit<f32>] as *const [f32]) };
+                let (mut s, mut sx) = (vec![0f64; c], vec![0f64; c]);
+                let xi = &x[img * per_in..(img + 1) * per_in];
+                masked_sums_add(dxi, xi, c, cols, true, &mut s, &mut sx);
+                Some((s, sx))
+            }
+            _ => None,
         };
-        dw_back_one(&b, dxi, dw);
+        (dw, s)
     };
-    let zero = || (vec![0f32; k * k * c], Vec::new());
-    let add = |(mut a, s): (Vec<f32>, Vec<f32>), (b, _): (Vec<f32>, Vec<f32>)| {
-        a.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-        (a, s)
-    };
-    let (dw, _) = if need_dx && len > 0 {
-        let dw = dx.spare_capacity_mut()[..len]
+    let per: Vec<(Vec<f32>, Option<Sums64>)> = if need_dx && len > 0 {
+        let r = dx.spare_capacity_mut()[..len]
             .par_chunks_mut(per_in)
             .enumerate()
-            .fold(zero, |(mut dw, mut s), (img, dxi)| {
-                job(img, dxi, &mut dw, &mut s);
-                (dw, s)
-            })
-            .reduce(zero, add);
+            .map(|(img, dxi)| job(img, dxi))
+            .collect();
         // SAFETY: `dw_back_one` wrote every float of every image's part (the chunks cover them).
         unsafe { dx.set_len(len) };
-        dw
+        r
     } else {
         (0..n)
             .into_par_iter()
-            .fold(zero, |(mut dw, mut s), img| {
-                job(img, &mut [], &mut dw, &mut s);
-                (dw, s)
-            })
-            .reduce(zero, add)
+            .map(|img| job(img, &mut []))
+            .collect()
     };
     pool::give(d);
-    (dx, dw)
+    let mut dw = vec![0f32; k * k * c];
+    let (mut s, mut sx) = (vec![0f64; c], vec![0f64; c]);
+    for (g, si) in &per {
+        dw.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        if let Some((a, b)) = si {
+            s.iter_mut().zip(a).for_each(|(p, q)| *p += q);
+            sx.iter_mut().zip(b).for_each(|(p, q)| *p += q);
+        }
+    }
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (dx, dw, sums.then(|| (f32s(s), f32s(sx))))
 }
 
 #[cfg(test)]
