@@ -18,8 +18,11 @@
 
 use crate::cpu::depthwise::{DwArgs, depthwise};
 use crate::cpu::depthwise_back::{DwBack, dw_back_one};
-use crate::cpu::gemm::{gemm_rm, gemm_uninit, matmul_nn, matmul_tn};
-use crate::cpu::norm::{BackCols, Cols, masked_sums_add, norm_back, norm_back_into, norm_rows};
+use crate::cpu::gemm::{gemm_rm, gemm_uninit, matmul_nn, matmul_nt, matmul_tn};
+use crate::cpu::norm::{
+    BackCols, Cols, Moments, ROWS_PER_TASK, masked_sums_add, norm_back, norm_back_into, norm_rows,
+    normalise,
+};
 use crate::cpu::pool;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -34,14 +37,95 @@ pub struct NormBack<'a> {
     pub back: BackCols<'a>,
 }
 
-/// A 1×1 convolution's operands: its input `x` (`[rows][k]`) and weights `w` (`[n][k]`).
+/// A 1×1 convolution's operands: its input `x` (`[rows][k]`), or with `x_norm` ReLU6(BatchNorm(`x`))
+/// with those numbers (`x` is then the depthwise convolution's `z`), and weights `w` (`[n][k]`).
 #[derive(Clone, Copy)]
 pub struct Pointwise<'a> {
     pub x: &'a [f32],
+    pub x_norm: Option<Cols<'a>>,
     pub w: &'a [f32],
     pub rows: usize,
     pub n: usize,
     pub k: usize,
+}
+
+impl Pointwise<'_> {
+    /// Runs `f` on rows `r0..r0 + r` of the input: a slice of `x`, or those rows normalised in
+    /// scratch slot 1.
+    fn input_rows<R>(&self, r0: usize, r: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        let x = &self.x[r0 * self.k..][..r * self.k];
+        match self.x_norm {
+            None => f(x),
+            Some(cols) => pool::with_scratch(1, r * self.k, |a| {
+                // SAFETY: `norm_rows` writes every element, and f32 has no invalid bit patterns.
+                let out = unsafe { &mut *(a as *mut [f32] as *mut [MaybeUninit<f32>]) };
+                norm_rows(x, out, self.k, cols, true);
+                f(a)
+            }),
+        }
+    }
+
+    /// Runs `f` on the whole input: `x`, or all of it normalised into a pool buffer.
+    fn whole_input<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let x = &self.x[..self.rows * self.k];
+        match self.x_norm {
+            None => f(x),
+            Some(cols) => {
+                let mut a = pool::take(x.len());
+                normalise(
+                    x,
+                    &mut a.spare_capacity_mut()[..x.len()],
+                    self.k,
+                    cols,
+                    true,
+                );
+                // SAFETY: `normalise` wrote every one of the floats.
+                unsafe { a.set_len(x.len()) };
+                let r = f(&a);
+                pool::give(a);
+                r
+            }
+        }
+    }
+}
+
+/// A 1×1 convolution forward, `z = input · wᵀ` (`[rows][n]`), and with `stats` the column
+/// [`Moments`] of `z` for the BatchNorm after it. With enough rows it runs in parts of rows, each
+/// part's input normalised into scratch (with `x_norm`) and its statistics taken while its output
+/// is in cache; otherwise one threaded product.
+pub fn pointwise_forward(p: Pointwise, stats: bool) -> (Vec<f32>, Option<Moments>) {
+    let Pointwise { w, rows, n, k, .. } = p;
+    assert!(p.x.len() >= rows * k && w.len() >= n * k);
+    let part = part_rows(n.max(k));
+    if rows < 4 * part {
+        let z = p.whole_input(|x| matmul_nt(x, rows, k, w, n));
+        let m = stats.then(|| {
+            Moments::merged(
+                z.par_chunks(ROWS_PER_TASK * n)
+                    .map(|zc| Moments::of(zc, n))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        return (z, m);
+    }
+    let mut z = pool::take(rows * n);
+    let parts: Vec<Option<Moments>> = z.spare_capacity_mut()[..rows * n]
+        .par_chunks_mut(part * n)
+        .enumerate()
+        .map(|(i, zp)| {
+            let r = zp.len() / n;
+            p.input_rows(i * part, r, |xp| {
+                gemm_uninit(zp, [r, n, k], xp, [k as isize, 1], w, [1, k as isize])
+            });
+            // SAFETY: the product wrote every float of the part.
+            let zp = unsafe { &*(zp as *const [MaybeUninit<f32>] as *const [f32]) };
+            stats.then(|| Moments::of(zp, n))
+        })
+        .collect();
+    // SAFETY: the parts cover all `rows·n` floats, each written by its product.
+    unsafe { z.set_len(rows * n) };
+    let m = stats.then(|| Moments::merged(parts.into_iter().flatten()));
+    (z, m)
 }
 
 /// Rows of a part of [`pointwise_back`] for `n` output channels: a part's `dz` is about 512 KB.
@@ -58,13 +142,13 @@ pub fn pointwise_back(
     p: Pointwise,
     need_dx: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let Pointwise { x, w, rows, n, k } = p;
-    assert!(d.len() == rows * n && norm.z.len() == d.len() && x.len() >= rows * k);
-    let part = part_rows(n);
+    let Pointwise { w, rows, n, k, .. } = p;
+    assert!(d.len() == rows * n && norm.z.len() == d.len() && p.x.len() >= rows * k);
+    let part = part_rows(n.max(k));
     if rows < 4 * part {
         let mut d = d;
         norm_back(&mut d, norm.z, n, norm.cols, norm.mask, norm.back);
-        let wg = matmul_tn(&d, rows, n, x, k);
+        let wg = p.whole_input(|x| matmul_tn(&d, rows, n, x, k));
         let dx = if need_dx {
             matmul_nn(&d, rows, n, w, k)
         } else {
@@ -80,17 +164,18 @@ pub fn pointwise_back(
             let (zp, dp) = (&norm.z[r0 * n..][..r * n], &d[r0 * n..][..r * n]);
             norm_back_into(dp, zp, dz, n, norm.cols, norm.mask, norm.back);
             let mut g = vec![0f32; n * k];
-            let xp = &x[r0 * k..][..r * k];
-            gemm_rm(
-                &mut g,
-                [n, k, r],
-                dz,
-                [1, n as isize],
-                xp,
-                [k as isize, 1],
-                false,
-                false,
-            );
+            p.input_rows(r0, r, |xp| {
+                gemm_rm(
+                    &mut g,
+                    [n, k, r],
+                    dz,
+                    [1, n as isize],
+                    xp,
+                    [k as isize, 1],
+                    false,
+                    false,
+                )
+            });
             if let Some(dx) = dx {
                 gemm_uninit(dx, [r, k, n], dz, [n as isize, 1], w, [k as isize, 1]);
             }
@@ -154,28 +239,42 @@ impl Depthwise<'_> {
     }
 }
 
-/// The depthwise convolution forward (no bias), threaded over images: `[n][ho][ho][c]`.
-pub fn depthwise_forward(a: Depthwise) -> Vec<f32> {
+/// The depthwise convolution forward (no bias), threaded over images: `[n][ho][ho][c]`, and with
+/// `stats` its column [`Moments`], each image's taken while its output is in cache and merged in
+/// image order.
+pub fn depthwise_forward(a: Depthwise, stats: bool) -> (Vec<f32>, Option<Moments>) {
     let (h, c, per_out) = (a.h, a.c, a.ho * a.ho * a.c);
     assert!(a.x.len() >= a.n * h * h * c);
     let zeros = vec![0f32; c];
-    pool::per_image(a.n, per_out, |i, o| {
-        a.input(i, |x| {
-            let args = DwArgs {
-                x,
-                y0: 0,
-                h,
-                w: h,
-                c,
-                k: a.k,
-                stride: a.stride,
-                wt: a.wt,
-                bias: &zeros,
-                relu6: false,
-            };
-            depthwise(&args, o);
+    let len = a.n * per_out;
+    let mut out = pool::take(len);
+    let parts: Vec<Option<Moments>> = out.spare_capacity_mut()[..len]
+        .par_chunks_mut(per_out)
+        .enumerate()
+        .map(|(i, o)| {
+            let o = pool::zeroed(o);
+            a.input(i, |x| {
+                let args = DwArgs {
+                    x,
+                    y0: 0,
+                    h,
+                    w: h,
+                    c,
+                    k: a.k,
+                    stride: a.stride,
+                    wt: a.wt,
+                    bias: &zeros,
+                    relu6: false,
+                };
+                depthwise(&args, o);
+            });
+            stats.then(|| Moments::of(o, c))
         })
-    })
+        .collect();
+    // SAFETY: every image's part was zero-filled by `zeroed` (the chunks cover them).
+    unsafe { out.set_len(len) };
+    let m = stats.then(|| Moments::merged(parts.into_iter().flatten()));
+    (out, m)
 }
 
 /// Column sums of a BatchNorm backward's first half (see [`crate::cpu::norm::masked_col_dot`]).
@@ -287,77 +386,135 @@ mod tests {
             .collect()
     }
 
-    /// Both paths of [`pointwise_back`] (parts, and the plain one for few rows), with and without
-    /// the input gradient, against an f64 reference of dz = g·(v − md − x̂·mdx), dzᵀ·x and dz·w.
+    /// Both paths of [`pointwise_forward`] and [`pointwise_back`] (parts, and the plain one for few
+    /// rows), with the input as given and normalised on the fly, with and without the input
+    /// gradient, against f64 references: z = input·wᵀ and its column statistics; dz = g·(v − md −
+    /// x̂·mdx), dzᵀ·input and dz·w.
     #[test]
-    fn pointwise_back_matches_an_f64_reference_in_parts_and_whole() {
+    fn pointwise_passes_match_an_f64_reference_in_parts_and_whole() {
         let (n, k) = (96, 24);
-        let part = part_rows(n);
+        let part = part_rows(n.max(k));
         let mean: Vec<f32> = noise(n, 1).iter().map(|v| v * 0.1).collect();
         let invstd: Vec<f32> = noise(n, 2).iter().map(|v| 1.5 + v).collect();
         let gamma: Vec<f32> = noise(n, 3).iter().map(|v| 3.0 * v).collect();
         let beta: Vec<f32> = noise(n, 4).iter().map(|v| 1.0 + v).collect();
         let (g, md, mdx) = (noise(n, 5), noise(n, 6), noise(n, 7));
         let w = noise(n * k, 8);
+        // The input's own BatchNorm numbers (for `x_norm`), with values clamped at 0 and 6.
+        let xm: Vec<f32> = noise(k, 12).iter().map(|v| v * 0.2).collect();
+        let xs: Vec<f32> = noise(k, 13).iter().map(|v| 4.0 + 2.0 * v).collect();
+        let xg: Vec<f32> = noise(k, 14).iter().map(|v| 2.0 * v).collect();
+        let xb: Vec<f32> = noise(k, 15).iter().map(|v| 3.0 + 3.0 * v).collect();
+        let xcols = Cols {
+            mean: &xm,
+            invstd: &xs,
+            gamma: &xg,
+            beta: &xb,
+        };
         // 4 parts and a partial fifth; then fewer rows than four parts (the plain path).
         for rows in [4 * part + 77, 3 * part] {
             let (d, z, x) = (noise(rows * n, 9), noise(rows * n, 10), noise(rows * k, 11));
-            let (mut wg, mut dx) = (vec![0f64; n * k], vec![0f64; rows * k]);
-            for r in 0..rows {
-                for j in 0..n {
-                    let i = r * n + j;
-                    let xh = (z[i] - mean[j]) * invstd[j];
-                    let y = gamma[j] * xh + beta[j];
-                    let v = if y > 0.0 && y < 6.0 { d[i] } else { 0.0 };
-                    let dz = (g[j] * (v - md[j] - xh * mdx[j])) as f64;
-                    for c in 0..k {
-                        wg[j * k + c] += dz * x[r * k + c] as f64;
-                        dx[r * k + c] += dz * w[j * k + c] as f64;
+            for x_norm in [None, Some(xcols)] {
+                let input: Vec<f32> = match x_norm {
+                    None => x.clone(),
+                    Some(_) => (0..rows * k)
+                        .map(|i| {
+                            let j = i % k;
+                            (xg[j] * ((x[i] - xm[j]) * xs[j]) + xb[j]).clamp(0.0, 6.0)
+                        })
+                        .collect(),
+                };
+                let p = Pointwise {
+                    x: &x,
+                    x_norm,
+                    w: &w,
+                    rows,
+                    n,
+                    k,
+                };
+                let what = format!("rows {rows}, normalised input {}", x_norm.is_some());
+                // Forward.
+                let (got_z, m) = pointwise_forward(p, true);
+                let mut fz = vec![0f64; rows * n];
+                for r in 0..rows {
+                    for j in 0..n {
+                        fz[r * n + j] = (0..k)
+                            .map(|c| input[r * k + c] as f64 * w[j * k + c] as f64)
+                            .sum();
                     }
                 }
-            }
-            let norm = NormBack {
-                z: &z,
-                cols: Cols {
-                    mean: &mean,
-                    invstd: &invstd,
-                    gamma: &gamma,
-                    beta: &beta,
-                },
-                mask: true,
-                back: BackCols {
-                    g: &g,
-                    md: &md,
-                    mdx: &mdx,
-                },
-            };
-            let p = Pointwise {
-                x: &x,
-                w: &w,
-                rows,
-                n,
-                k,
-            };
-            for need_dx in [true, false] {
-                let (got_wg, got_dx) = pointwise_back(d.clone(), norm, p, need_dx);
-                let scale = wg.iter().fold(0f64, |m, v| m.max(v.abs()));
-                for (i, (a, b)) in got_wg.iter().zip(&wg).enumerate() {
+                for (i, (a, b)) in got_z.iter().zip(&fz).enumerate() {
                     assert!(
-                        (*a as f64 - b).abs() < 1e-4 * scale,
-                        "rows {rows}: weight gradient {i}: {a} vs {b}"
+                        (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{what}: z {i}: {a} vs {b}"
                     );
                 }
-                assert_eq!(got_wg.len(), n * k);
-                if need_dx {
-                    assert_eq!(got_dx.len(), rows * k);
-                    for (i, (a, b)) in got_dx.iter().zip(&dx).enumerate() {
+                let (gm, gv) = m.expect("statistics asked for").mean_var();
+                for j in 0..n {
+                    let col = (0..rows).map(|r| fz[r * n + j]);
+                    let mu = col.clone().sum::<f64>() / rows as f64;
+                    let var = col.map(|v| (v - mu) * (v - mu)).sum::<f64>() / rows as f64;
+                    assert!(
+                        (gm[j] as f64 - mu).abs() < 1e-4 * (1.0 + mu.abs()),
+                        "{what}: mean {j}"
+                    );
+                    assert!(
+                        (gv[j] as f64 - var).abs() < 1e-3 * var,
+                        "{what}: var {j}: {} vs {var}",
+                        gv[j]
+                    );
+                }
+                // Backward.
+                let (mut wg, mut dx) = (vec![0f64; n * k], vec![0f64; rows * k]);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let i = r * n + j;
+                        let xh = (z[i] - mean[j]) * invstd[j];
+                        let y = gamma[j] * xh + beta[j];
+                        let v = if y > 0.0 && y < 6.0 { d[i] } else { 0.0 };
+                        let dz = (g[j] * (v - md[j] - xh * mdx[j])) as f64;
+                        for c in 0..k {
+                            wg[j * k + c] += dz * input[r * k + c] as f64;
+                            dx[r * k + c] += dz * w[j * k + c] as f64;
+                        }
+                    }
+                }
+                let norm = NormBack {
+                    z: &z,
+                    cols: Cols {
+                        mean: &mean,
+                        invstd: &invstd,
+                        gamma: &gamma,
+                        beta: &beta,
+                    },
+                    mask: true,
+                    back: BackCols {
+                        g: &g,
+                        md: &md,
+                        mdx: &mdx,
+                    },
+                };
+                for need_dx in [true, false] {
+                    let (got_wg, got_dx) = pointwise_back(d.clone(), norm, p, need_dx);
+                    let scale = wg.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    assert_eq!(got_wg.len(), n * k);
+                    for (i, (a, b)) in got_wg.iter().zip(&wg).enumerate() {
                         assert!(
-                            (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                            "rows {rows}: input gradient {i}: {a} vs {b}"
+                            (*a as f64 - b).abs() < 1e-4 * scale,
+                            "{what}: weight gradient {i}: {a} vs {b}"
                         );
                     }
-                } else {
-                    assert!(got_dx.is_empty());
+                    if need_dx {
+                        assert_eq!(got_dx.len(), rows * k);
+                        for (i, (a, b)) in got_dx.iter().zip(&dx).enumerate() {
+                            assert!(
+                                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                "{what}: input gradient {i}: {a} vs {b}"
+                            );
+                        }
+                    } else {
+                        assert!(got_dx.is_empty());
+                    }
                 }
             }
         }

@@ -106,31 +106,80 @@ pub fn masked_sums_add(
     mask_dot(d, z, c, p, mask, s, sx, &mut part);
 }
 
-/// Per-column mean and (biased) variance over the rows of `x` (at least one row). The sums are of
-/// `x − k` and `(x − k)²` with `k` the first row, so a column whose mean is large against its
-/// spread loses no precision to `E[x²] − E[x]²`.
+/// Column statistics of some rows `[rows][c]`: their number, and per column the mean and the sum
+/// of squared deviations (f64). Statistics of parts merge exactly into those of the whole
+/// ([`Moments::merge`], Chan et al.), so a producer can take them from each part of its output
+/// while it is in cache, and adding the parts in a fixed order gives the same bits on any number
+/// of threads.
+pub struct Moments {
+    rows: f64,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+}
+
+impl Moments {
+    /// The statistics of `x` (at least one row), on the calling thread. The sums are of `x − k`
+    /// and `(x − k)²` with `k` the first row, so a column whose mean is large against its spread
+    /// loses no precision to `E[x²] − E[x]²`.
+    pub fn of(x: &[f32], c: usize) -> Self {
+        let shift = &x[..c];
+        let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+        let mut part = vec![0f32; 2 * c];
+        moments(x, c, shift, &mut s1, &mut s2, &mut part);
+        let r = (x.len() / c) as f64;
+        let mean = s1
+            .iter()
+            .zip(shift)
+            .map(|(s, &k)| k as f64 + s / r)
+            .collect();
+        let m2 = s1
+            .iter()
+            .zip(&s2)
+            .map(|(a, b)| (b - a * a / r).max(0.0))
+            .collect();
+        Self { rows: r, mean, m2 }
+    }
+
+    /// Adds the statistics of more rows.
+    pub fn merge(&mut self, o: &Moments) {
+        let n = self.rows + o.rows;
+        for ((m, q), (om, oq)) in self
+            .mean
+            .iter_mut()
+            .zip(&mut self.m2)
+            .zip(o.mean.iter().zip(&o.m2))
+        {
+            let delta = om - *m;
+            *m += delta * o.rows / n;
+            *q += oq + delta * delta * self.rows * o.rows / n;
+        }
+        self.rows = n;
+    }
+
+    /// The statistics of parts merged in their order (at least one).
+    pub fn merged(parts: impl IntoIterator<Item = Moments>) -> Moments {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next().expect("statistics of at least one part");
+        parts.for_each(|p| all.merge(&p));
+        all
+    }
+
+    /// Per-column mean and (biased) variance.
+    pub fn mean_var(&self) -> (Vec<f32>, Vec<f32>) {
+        let mean = self.mean.iter().map(|&m| m as f32).collect();
+        let var = self.m2.iter().map(|&q| (q / self.rows) as f32).collect();
+        (mean, var)
+    }
+}
+
+/// Per-column mean and (biased) variance over the rows of `x` (at least one row): [`Moments`] of
+/// fixed blocks of rows, threaded, merged in order.
 pub fn col_moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let shift = &x[..c];
-    let (s1, s2) = x
+    let parts: Vec<Moments> = x
         .par_chunks(ROWS_PER_TASK * c)
-        .map(|xc| {
-            let mut s = vec![0f64; c];
-            let mut s2 = vec![0f64; c];
-            let mut part = vec![0f32; 2 * c];
-            moments(xc, c, shift, &mut s, &mut s2, &mut part);
-            (s, s2)
-        })
-        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
-    let r = (x.len() / c) as f64;
-    let mean = s1
-        .iter()
-        .zip(shift)
-        .map(|(s, &k)| (k as f64 + s / r) as f32);
-    let var = s1
-        .iter()
-        .zip(&s2)
-        .map(|(a, b)| (b / r - (a / r) * (a / r)).max(0.0) as f32);
-    (mean.collect(), var.collect())
+        .map(|xc| Moments::of(xc, c))
+        .collect();
+    Moments::merged(parts).mean_var()
 }
 
 /// Element-wise sum of two pairs of per-column sums.

@@ -12,113 +12,20 @@
 
 use crate::cpu::conv_bn::{
     Depthwise, NormBack, Pointwise, Sums, depthwise_back, depthwise_forward, pointwise_back,
+    pointwise_forward,
 };
 use crate::cpu::engine::{self, Engine, Output};
-use crate::cpu::gemm::matmul_nt;
-use crate::cpu::norm::{BackCols, Cols, col_moments, masked_col_dot, normalise};
+use crate::cpu::norm::{BackCols, Cols, Moments, masked_col_dot, normalise};
 use crate::cpu::pool::{self, give_all, per_image};
-use crate::model::device::{device, to_vec as host};
+use crate::model::device::device;
 use crate::model::lite::Lite;
 use anyhow::{Result, bail};
 use burn::module::ParamId;
-use burn::nn::BatchNorm;
-use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use rayon::prelude::*;
 
-struct Bn {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-    eps: f32,
-    momentum: f32,
-    gamma_id: ParamId,
-    beta_id: ParamId,
-}
-
-impl Bn {
-    fn read(bn: &BatchNorm) -> Result<Self> {
-        Ok(Self {
-            gamma: host(bn.gamma.val())?,
-            beta: host(bn.beta.val())?,
-            mean: host(bn.running_mean.value())?,
-            var: host(bn.running_var.value())?,
-            eps: bn.epsilon as f32,
-            momentum: bn.momentum as f32,
-            gamma_id: bn.gamma.id,
-            beta_id: bn.beta.id,
-        })
-    }
-}
-
-/// A convolution and the BatchNorm after it. Weights `[cout][cin·k·k]` (burn's order), or for a
-/// depthwise convolution tap-major `[k·k][c]`.
-struct Conv {
-    w: Vec<f32>,
-    id: ParamId,
-    dims: [usize; 4],
-    stride: usize,
-    depthwise: bool,
-    bn: Bn,
-}
-
-impl Conv {
-    fn read(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
-        let w = conv.weight.val();
-        let dims = w.dims();
-        let mut w = host(w)?;
-        let depthwise = dims[1] == 1 && dims[0] > 1 && dims[2] > 1;
-        if depthwise {
-            let (c, kk) = (dims[0], dims[2] * dims[3]);
-            let mut t = vec![0f32; c * kk];
-            for ch in 0..c {
-                for tap in 0..kk {
-                    t[tap * c + ch] = w[ch * kk + tap];
-                }
-            }
-            w = t;
-        }
-        Ok(Self {
-            w,
-            id: conv.weight.id,
-            dims,
-            stride: conv.stride[0],
-            depthwise,
-            bn: Bn::read(bn)?,
-        })
-    }
-
-    fn cout(&self) -> usize {
-        self.dims[0]
-    }
-
-    fn cin(&self) -> usize {
-        self.dims[1] * self.dims[2] * self.dims[3]
-    }
-
-    fn out_side(&self, side: usize) -> usize {
-        let k = self.dims[2];
-        (side + 2 * (k / 2) - k) / self.stride + 1
-    }
-
-    /// The weight gradient in burn's layout.
-    fn weight_grad(&self, g: Vec<f32>) -> Tensor<4> {
-        let g = if self.depthwise {
-            let (c, kk) = (self.dims[0], self.dims[2] * self.dims[3]);
-            let mut t = vec![0f32; c * kk];
-            for tap in 0..kk {
-                for ch in 0..c {
-                    t[ch * kk + tap] = g[tap * c + ch];
-                }
-            }
-            t
-        } else {
-            g
-        };
-        Tensor::from_data(TensorData::new(g, self.dims), &device())
-    }
-}
+mod layer;
+use layer::{Bn, Conv};
 
 struct Block {
     expand: Option<Conv>,
@@ -168,7 +75,6 @@ struct NormTape {
 
 struct BlockTape {
     x: Vec<f32>,
-    a2: Vec<f32>,
     t1: Option<NormTape>,
     t2: NormTape,
     t3: NormTape,
@@ -255,12 +161,16 @@ impl Backbone {
     /// Pooled features `[n][1280]` of a normalised batch `[n][3][side][side]` (with
     /// [`Backbone::read_above`]: of the level's activations `[n][side][side][c]`), and the tape.
     pub fn forward(&self, input: &[f32], n: usize, side: usize) -> (Vec<f32>, Tape) {
+        on_workers(|| self.forward_here(input, n, side))
+    }
+
+    fn forward_here(&self, input: &[f32], n: usize, side: usize) -> (Vec<f32>, Tape) {
         let (mut x, mut h, stem) = match &self.below {
             Below::Stem(stem) => {
                 let ho = side / 2;
                 let col = im2col(input, n, side);
-                let z = matmul_nt(&col, n * ho * ho, 27, &stem.w, stem.cout());
-                let (t, a) = norm_forward(&stem.bn, z, stem.cout(), self.train_bn, true);
+                let (z, m) = self.conv_forward(stem, &col, None, n * ho * ho);
+                let (t, a) = norm_forward(&stem.bn, z, m, stem.cout(), true);
                 (a, ho, Some((col, t)))
             }
             Below::Frozen(engine) => {
@@ -274,16 +184,19 @@ impl Backbone {
         for b in &self.blocks {
             // The expansion's BatchNorm + ReLU6 output is computed per image where the depthwise
             // convolution reads it (forward and backward), never stored.
+            // So is the depthwise convolution's, computed per part of rows where the projection
+            // reads it.
             let t1 = b.expand.as_ref().map(|e| {
-                let z = matmul_nt(&x, x.len() / e.cin(), e.cin(), &e.w, e.cout());
-                norm_stats(&e.bn, z, e.cout(), self.train_bn)
+                let (z, m) = self.conv_forward(e, &x, None, x.len() / e.cin());
+                norm_stats(&e.bn, z, m, e.cout())
             });
             let ho = b.dw.out_side(h);
-            let z = depthwise_forward(b.dw_input(&t1, &x, n, h, ho));
-            let (t2, a2) = norm_forward(&b.dw.bn, z, b.dw.cout(), self.train_bn, true);
+            let (z, m) = depthwise_forward(b.dw_input(&t1, &x, n, h, ho), self.train_bn);
+            let t2 = norm_stats(&b.dw.bn, z, m, b.dw.cout());
             let p = &b.project;
-            let z = matmul_nt(&a2, n * ho * ho, p.cin(), &p.w, p.cout());
-            let (t3, mut y) = norm_forward(&p.bn, z, p.cout(), self.train_bn, false);
+            let x_norm = Some(t2.cols(&b.dw.bn));
+            let (z, m) = self.conv_forward(p, &t2.z, x_norm, n * ho * ho);
+            let (t3, mut y) = norm_forward(&p.bn, z, m, p.cout(), false);
             if b.residual {
                 y.par_iter_mut()
                     .zip(x.par_iter())
@@ -291,7 +204,6 @@ impl Backbone {
             }
             blocks.push(BlockTape {
                 x: std::mem::replace(&mut x, y),
-                a2,
                 t1,
                 t2,
                 t3,
@@ -302,8 +214,8 @@ impl Backbone {
         }
         let hd = &self.head;
         let px = h * h;
-        let z = matmul_nt(&x, n * px, hd.cin(), &hd.w, hd.cout());
-        let (t, a) = norm_forward(&hd.bn, z, hd.cout(), self.train_bn, true);
+        let (z, m) = self.conv_forward(hd, &x, None, n * px);
+        let (t, a) = norm_forward(&hd.bn, z, m, hd.cout(), true);
         let c = hd.cout();
         let mut pooled = vec![0f32; n * c];
         pooled
@@ -332,6 +244,10 @@ impl Backbone {
     /// as (parameter, gradient) pairs in burn's layouts, and the BatchNorm running averages to
     /// store (training mode).
     pub fn backward(&self, tape: Tape, d_pooled: &[f32]) -> Backward {
+        on_workers(|| self.backward_here(tape, d_pooled))
+    }
+
+    fn backward_here(&self, tape: Tape, d_pooled: &[f32]) -> Backward {
         let mut out = Backward::default();
         let n = tape.n;
         let hd = &self.head;
@@ -351,7 +267,7 @@ impl Backbone {
             &tape.head,
             da,
             true,
-            &tape.head_x,
+            (&tape.head_x, None),
             need_dx,
             None,
             &mut out,
@@ -365,9 +281,10 @@ impl Backbone {
                 None
             };
             // Project (no activation).
+            let input = (&t.t2.z[..], Some(t.t2.cols(&b.dw.bn)));
             let da2 =
-                self.pointwise_backward(&b.project, &t.t3, dx, false, &t.a2, true, None, &mut out);
-            give_all([t.a2, t.t3.z]);
+                self.pointwise_backward(&b.project, &t.t3, dx, false, input, true, None, &mut out);
+            pool::give(t.t3.z);
             // Depthwise, with the expansion BatchNorm's column sums.
             let need_src_grad = b.expand.is_some() || !first;
             let dw = &b.dw;
@@ -380,8 +297,16 @@ impl Backbone {
             // Expand.
             dx = match (&b.expand, t.t1) {
                 (Some(e), Some(t1)) => {
-                    let dx =
-                        self.pointwise_backward(e, &t1, da1, true, &t.x, !first, sums, &mut out);
+                    let dx = self.pointwise_backward(
+                        e,
+                        &t1,
+                        da1,
+                        true,
+                        (&t.x, None),
+                        !first,
+                        sums,
+                        &mut out,
+                    );
                     pool::give(t1.z);
                     dx
                 }
@@ -396,10 +321,30 @@ impl Backbone {
             }
         }
         if let (Below::Stem(stem), Some((col, t))) = (&self.below, tape.stem) {
-            self.pointwise_backward(stem, &t, dx, true, &col, false, None, &mut out);
+            self.pointwise_backward(stem, &t, dx, true, (&col, None), false, None, &mut out);
             give_all([col, t.z]);
         }
         out
+    }
+
+    /// A 1×1 convolution's forward over `rows` rows of `x` (normalised with `x_norm`), and the
+    /// column statistics of its output when the BatchNorm after it trains.
+    fn conv_forward(
+        &self,
+        conv: &Conv,
+        x: &[f32],
+        x_norm: Option<Cols>,
+        rows: usize,
+    ) -> (Vec<f32>, Option<Moments>) {
+        let p = Pointwise {
+            x,
+            x_norm,
+            w: &conv.w,
+            rows,
+            n: conv.cout(),
+            k: conv.cin(),
+        };
+        pointwise_forward(p, self.train_bn)
     }
 
     /// A 1×1 convolution (the stem as its im2col's product) and its BatchNorm (+ ReLU6) backward
@@ -413,7 +358,7 @@ impl Backbone {
         t: &NormTape,
         d: Vec<f32>,
         relu6: bool,
-        x: &[f32],
+        (x, x_norm): (&[f32], Option<Cols>),
         need_dx: bool,
         sums: Option<Sums>,
         out: &mut Backward,
@@ -422,6 +367,7 @@ impl Backbone {
         let (n, k) = (conv.cout(), conv.cin());
         let shape = Pointwise {
             x,
+            x_norm,
             w: &conv.w,
             rows: d.len() / n,
             n,
@@ -506,6 +452,15 @@ impl Factors {
     }
 }
 
+/// Runs `f` on one of rayon's worker threads, so that the pass's many parallel loops fork and
+/// join inside the pool: called from a thread outside it, each loop would hand its work to the pool
+/// and put the caller to sleep until it is done, a wake-up across threads per loop.
+fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("the scope ran its body")
+}
+
 /// A parameter gradient.
 pub enum Grad {
     D1(Tensor<1>),
@@ -534,15 +489,17 @@ fn im2col(x: &[f32], n: usize, side: usize) -> Vec<f32> {
     })
 }
 
-/// BatchNorm's statistics of `z` (`[rows][c]`): the batch's (training mode) or the running ones,
-/// and the tape that keeps `z`.
-fn norm_stats(bn: &Bn, z: Vec<f32>, c: usize, train: bool) -> NormTape {
-    let (mean, var, batch) = if train {
-        let (m, v) = col_moments(&z, c);
-        (m.clone(), v.clone(), Some((m, v)))
-    } else {
-        (bn.mean.clone(), bn.var.clone(), None)
+/// A BatchNorm's tape, which keeps `z` (`[rows][c]`): with `batch`, the batch's statistics of `z`
+/// (training mode), else the running ones.
+fn norm_stats(bn: &Bn, z: Vec<f32>, batch: Option<Moments>, c: usize) -> NormTape {
+    let (mean, var, batch) = match batch {
+        Some(m) => {
+            let (m, v) = m.mean_var();
+            (m.clone(), v.clone(), Some((m, v)))
+        }
+        None => (bn.mean.clone(), bn.var.clone(), None),
     };
+    debug_assert_eq!(mean.len(), c);
     let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
     NormTape {
         z,
@@ -552,10 +509,16 @@ fn norm_stats(bn: &Bn, z: Vec<f32>, c: usize, train: bool) -> NormTape {
     }
 }
 
-/// BatchNorm forward over `[rows][c]`: the tape (which keeps `z`) and the activation `γ·x̂ + β`
-/// (ReLU6'd when `relu6`).
-fn norm_forward(bn: &Bn, z: Vec<f32>, c: usize, train: bool, relu6: bool) -> (NormTape, Vec<f32>) {
-    let t = norm_stats(bn, z, c, train);
+/// BatchNorm forward over `[rows][c]` (see [`norm_stats`]): the tape and the activation
+/// `γ·x̂ + β` (ReLU6'd when `relu6`).
+fn norm_forward(
+    bn: &Bn,
+    z: Vec<f32>,
+    batch: Option<Moments>,
+    c: usize,
+    relu6: bool,
+) -> (NormTape, Vec<f32>) {
+    let t = norm_stats(bn, z, batch, c);
     let len = t.z.len();
     let mut a = pool::take(len);
     normalise(
