@@ -1,8 +1,9 @@
 //! deeprank's own CPU training pass for the EfficientNet-Lite backbone: forward with the
 //! activations kept, and the backward pass by hand, channels-last, each layer over the whole batch
-//! (BatchNorm needs the batch's statistics): 1×1 convolutions and their gradients as threaded
-//! matrix products, depthwise convolutions forward and backward as channel-vector loops threaded over
-//! images, BatchNorm (batch statistics or frozen running statistics) and ReLU6 as threaded row passes.
+//! (BatchNorm needs the batch's statistics). The convolutions run fused with the BatchNorm around
+//! them ([`crate::cpu::conv_bn`]): 1×1 convolutions in parts of rows, depthwise ones per image; a
+//! BatchNorm keeps its input `z` and statistics, and the expansion's and the depthwise
+//! convolution's normalised outputs are recomputed where they are read instead of stored.
 //!
 //! The rest of the step stays in burn: the backbone's pooled features enter burn's graph as a leaf
 //! tensor, burn runs the head and the ranking loss and hands back the leaf's gradient, and this module
