@@ -49,6 +49,17 @@ pub struct Pointwise<'a> {
     pub k: usize,
 }
 
+/// Runs `f` on ReLU6(BatchNorm(`x`)) (`[rows][c]`, the numbers `cols`), computed into this thread's
+/// scratch slot 1.
+fn normalised<R>(x: &[f32], c: usize, cols: Cols, f: impl FnOnce(&[f32]) -> R) -> R {
+    pool::with_scratch(1, x.len(), |a| {
+        // SAFETY: `norm_rows` writes every element, and f32 has no invalid bit patterns.
+        let out = unsafe { &mut *(a as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        norm_rows(x, out, c, cols, true);
+        f(a)
+    })
+}
+
 impl Pointwise<'_> {
     /// Runs `f` on rows `r0..r0 + r` of the input: a slice of `x`, or those rows normalised in
     /// scratch slot 1.
@@ -56,12 +67,7 @@ impl Pointwise<'_> {
         let x = &self.x[r0 * self.k..][..r * self.k];
         match self.x_norm {
             None => f(x),
-            Some(cols) => pool::with_scratch(1, r * self.k, |a| {
-                // SAFETY: `norm_rows` writes every element, and f32 has no invalid bit patterns.
-                let out = unsafe { &mut *(a as *mut [f32] as *mut [MaybeUninit<f32>]) };
-                norm_rows(x, out, self.k, cols, true);
-                f(a)
-            }),
+            Some(cols) => normalised(x, self.k, cols, f),
         }
     }
 
@@ -229,12 +235,7 @@ impl Depthwise<'_> {
         let x = &self.x[img * per..(img + 1) * per];
         match self.x_norm {
             None => f(x),
-            Some(cols) => pool::with_scratch(1, per, |a| {
-                // SAFETY: `norm_rows` writes every element, and f32 has no invalid bit patterns.
-                let out = unsafe { &mut *(a as *mut [f32] as *mut [MaybeUninit<f32>]) };
-                norm_rows(x, out, self.c, cols, true);
-                f(a)
-            }),
+            Some(cols) => normalised(x, self.c, cols, f),
         }
     }
 }
@@ -372,19 +373,7 @@ pub fn depthwise_back(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu::norm::tests::noise;
 
     /// Both paths of [`pointwise_forward`] and [`pointwise_back`] (parts, and the plain one for few
     /// rows), with the input as given and normalised on the fly, with and without the input

@@ -325,11 +325,11 @@ fn norm_back_into_k(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic values in [-1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn noise(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
