@@ -18,10 +18,9 @@
 
 use crate::cpu::depthwise::{DwArgs, depthwise};
 use crate::cpu::depthwise_back::{DwBack, dw_back_one};
-use crate::cpu::gemm::{gemm_rm, gemm_uninit, matmul_nn, matmul_nt, matmul_tn};
+use crate::cpu::gemm::{add_in_order, gemm_rm, gemm_uninit, matmul_nn, matmul_nt, matmul_tn};
 use crate::cpu::norm::{
-    BackCols, Cols, Moments, ROWS_PER_TASK, masked_sums_add, norm_back, norm_back_into, norm_rows,
-    normalise,
+    BackCols, Cols, Moments, Sums, masked_sums_add, norm_back, norm_back_into, norm_rows, normalise,
 };
 use crate::cpu::pool;
 use rayon::prelude::*;
@@ -105,13 +104,7 @@ pub fn pointwise_forward(p: Pointwise, stats: bool) -> (Vec<f32>, Option<Moments
     let part = part_rows(n.max(k));
     if rows < 4 * part {
         let z = p.whole_input(|x| matmul_nt(x, rows, k, w, n));
-        let m = stats.then(|| {
-            Moments::merged(
-                z.par_chunks(ROWS_PER_TASK * n)
-                    .map(|zc| Moments::of(zc, n))
-                    .collect::<Vec<_>>(),
-            )
-        });
+        let m = stats.then(|| Moments::of_rows(&z, n));
         return (z, m);
     }
     let mut z = pool::take(rows * n);
@@ -204,12 +197,7 @@ pub fn pointwise_back(
         unsafe { dx.set_len(rows * k) };
     }
     pool::give(d);
-    let mut sums = sums.into_iter();
-    let mut wg = sums.next().expect("at least four parts");
-    for s in sums {
-        wg.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-    }
-    (wg, dx)
+    (add_in_order(sums), dx)
 }
 
 /// A depthwise convolution's shape and tap-major weights `[k·k][c]`, over `n` images `[h][h][c]` →
@@ -277,9 +265,6 @@ pub fn depthwise_forward(a: Depthwise, stats: bool) -> (Vec<f32>, Option<Moments
     let m = stats.then(|| Moments::merged(parts.into_iter().flatten()));
     (out, m)
 }
-
-/// Column sums of a BatchNorm backward's first half (see [`crate::cpu::norm::masked_col_dot`]).
-pub type Sums = (Vec<f32>, Vec<f32>);
 
 /// [`Sums`] in f64, before they are added up.
 type Sums64 = (Vec<f64>, Vec<f64>);
@@ -357,14 +342,12 @@ pub fn depthwise_back(
             .collect()
     };
     pool::give(d);
-    let mut dw = vec![0f32; k * k * c];
+    let (dws, per_sums): (Vec<Vec<f32>>, Vec<Option<Sums64>>) = per.into_iter().unzip();
+    let dw = add_in_order(std::iter::once(vec![0f32; k * k * c]).chain(dws));
     let (mut s, mut sx) = (vec![0f64; c], vec![0f64; c]);
-    for (g, si) in &per {
-        dw.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-        if let Some((a, b)) = si {
-            s.iter_mut().zip(a).for_each(|(p, q)| *p += q);
-            sx.iter_mut().zip(b).for_each(|(p, q)| *p += q);
-        }
+    for (a, b) in per_sums.iter().flatten() {
+        s.iter_mut().zip(a).for_each(|(p, q)| *p += q);
+        sx.iter_mut().zip(b).for_each(|(p, q)| *p += q);
     }
     let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
     (dx, dw, sums.then(|| (f32s(s), f32s(sx))))

@@ -213,8 +213,14 @@ pub fn matmul_tn(d: &[f32], rows: usize, n: usize, x: &[f32], k: usize) -> Vec<f
             out
         })
         .collect();
+    add_in_order(parts)
+}
+
+/// The element-wise sum of equally long parts (at least one), added in their order: partial sums
+/// of a split product come out the same on any number of threads.
+pub fn add_in_order(parts: impl IntoIterator<Item = Vec<f32>>) -> Vec<f32> {
     let mut parts = parts.into_iter();
-    let mut sum = parts.next().expect("at least two parts");
+    let mut sum = parts.next().expect("at least one part");
     for p in parts {
         sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
     }

@@ -70,9 +70,12 @@ pub fn norm_back(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: Bac
         .for_each(|(dc, zc)| norm_back_rows(dc, zc, c, p, mask, b));
 }
 
+/// The column sums of a BatchNorm backward's first half: of `v` and of `v·x̂` ([`masked_col_dot`]).
+pub type Sums = (Vec<f32>, Vec<f32>);
+
 /// The column sums of `v` and `v·x̂`, where `x̂ = (z − μ)·invstd` and `v` is `d` with the ReLU6 mask
 /// applied when `mask` (zero where `γ·x̂ + β` is outside (0, 6)). Reads only.
-pub fn masked_col_dot(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool) -> (Vec<f32>, Vec<f32>) {
+pub fn masked_col_dot(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool) -> Sums {
     assert_eq!(z.len(), d.len());
     let (a, b) = d
         .par_chunks(ROWS_PER_TASK * c)
@@ -140,6 +143,16 @@ impl Moments {
         Self { rows: r, mean, m2 }
     }
 
+    /// The statistics of `x` (at least one row), threaded: [`Moments::of`] fixed blocks of rows,
+    /// merged in order.
+    pub fn of_rows(x: &[f32], c: usize) -> Self {
+        let parts: Vec<Moments> = x
+            .par_chunks(ROWS_PER_TASK * c)
+            .map(|xc| Moments::of(xc, c))
+            .collect();
+        Moments::merged(parts)
+    }
+
     /// Adds the statistics of more rows.
     pub fn merge(&mut self, o: &Moments) {
         let n = self.rows + o.rows;
@@ -172,14 +185,9 @@ impl Moments {
     }
 }
 
-/// Per-column mean and (biased) variance over the rows of `x` (at least one row): [`Moments`] of
-/// fixed blocks of rows, threaded, merged in order.
+/// Per-column mean and (biased) variance over the rows of `x` (at least one row).
 pub fn col_moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let parts: Vec<Moments> = x
-        .par_chunks(ROWS_PER_TASK * c)
-        .map(|xc| Moments::of(xc, c))
-        .collect();
-    Moments::merged(parts).mean_var()
+    Moments::of_rows(x, c).mean_var()
 }
 
 /// Element-wise sum of two pairs of per-column sums.

@@ -12,11 +12,11 @@
 //! the same network within float rounding (tested in `tests/train.rs`).
 
 use crate::cpu::conv_bn::{
-    Depthwise, NormBack, Pointwise, Sums, depthwise_back, depthwise_forward, pointwise_back,
+    Depthwise, NormBack, Pointwise, depthwise_back, depthwise_forward, pointwise_back,
     pointwise_forward,
 };
 use crate::cpu::engine::{self, Engine, Output};
-use crate::cpu::norm::{BackCols, Cols, Moments, masked_col_dot, normalise};
+use crate::cpu::norm::{BackCols, Cols, Moments, Sums, masked_col_dot, normalise};
 use crate::cpu::pool::{self, give_all, per_image};
 use crate::model::device::device;
 use crate::model::lite::Lite;
