@@ -46,11 +46,89 @@ pub struct BackCols<'a> {
     pub mdx: &'a [f32],
 }
 
-multiversion!(fn mask_dot => mask_dot_k(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool, s: &mut [f64], sx: &mut [f64], part: &mut [f32]));
+multiversion!(fn mask_dot_any => mask_dot_k(d: &[f32], z: &[f32], c: usize, p: Cols, mask: bool, s: &mut [f64], sx: &mut [f64], part: &mut [f32]));
 multiversion!(fn moments => moments_k(x: &[f32], c: usize, shift: &[f32], s: &mut [f64], s2: &mut [f64], part: &mut [f32]));
 multiversion!(pub fn norm_rows => norm_rows_k(z: &[f32], a: &mut [MaybeUninit<f32>], c: usize, p: Cols, relu6: bool));
 multiversion!(fn norm_back_rows => norm_back_rows_k(d: &mut [f32], z: &[f32], c: usize, p: Cols, mask: bool, b: BackCols));
 multiversion!(pub fn norm_back_into => norm_back_into_k(d: &[f32], z: &[f32], out: &mut [f32], c: usize, p: Cols, mask: bool, b: BackCols));
+
+/// [`mask_dot_k`], by the AVX-512 kernel where the CPU has it: the same operations on each value
+/// in the same order (so the same bits), but a row's last channels as one masked vector where
+/// the compiled loop runs them one by one (24 or 40 channels: a scalar tail of 8 per row).
+#[allow(clippy::too_many_arguments)]
+fn mask_dot(
+    d: &[f32],
+    z: &[f32],
+    c: usize,
+    p: Cols,
+    mask: bool,
+    s: &mut [f64],
+    sx: &mut [f64],
+    part: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::mask_dot(d, z, c, p, mask, s, sx) };
+    }
+    mask_dot_any(d, z, c, p, mask, s, sx, part)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BLOCK, Cols, add_block};
+    use std::arch::x86_64::*;
+
+    /// [`super::mask_dot_k`] in 16-lane vectors, a row's last `c mod 16` channels masked.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn mask_dot(
+        d: &[f32],
+        z: &[f32],
+        c: usize,
+        p: Cols,
+        mask: bool,
+        s: &mut [f64],
+        sx: &mut [f64],
+    ) {
+        let (mean, invstd, gamma, beta) = p.cut(c);
+        let rows = d.len().min(z.len()) / c;
+        let w = c.next_multiple_of(16);
+        let (mut ps, mut psx) = (vec![0f32; w], vec![0f32; w]);
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        for r0 in (0..rows).step_by(BLOCK) {
+            ps.fill(0.0);
+            psx.fill(0.0);
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for j in (0..c).step_by(16) {
+                    let k: __mmask16 = if c - j >= 16 { !0 } else { (1 << (c - j)) - 1 };
+                    // SAFETY: lanes `k` are channels j.. of row r (< c), inside every slice;
+                    // `ps`, `psx` are `w` long.
+                    unsafe {
+                        let ld =
+                            |v: &[f32], at: usize| _mm512_maskz_loadu_ps(k, v.as_ptr().add(at));
+                        let (dv, zv) = (ld(d, r * c + j), ld(z, r * c + j));
+                        let xh = _mm512_mul_ps(_mm512_sub_ps(zv, ld(mean, j)), ld(invstd, j));
+                        let y = _mm512_add_ps(_mm512_mul_ps(ld(gamma, j), xh), ld(beta, j));
+                        let keep = if mask {
+                            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, zero)
+                                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, six)
+                        } else {
+                            !0
+                        };
+                        let v = _mm512_maskz_mov_ps(keep, dv);
+                        let (a, ax) = (ps.as_mut_ptr().add(j), psx.as_mut_ptr().add(j));
+                        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), v));
+                        let vx = _mm512_mul_ps(v, xh);
+                        _mm512_storeu_ps(ax, _mm512_add_ps(_mm512_loadu_ps(ax), vx));
+                    }
+                }
+            }
+            add_block(&mut s[..c], &ps[..c]);
+            add_block(&mut sx[..c], &psx[..c]);
+        }
+    }
+}
 
 /// `a ← γ·x̂ + β` (ReLU6'd when `relu6`) with `x̂ = (z − μ)·invstd`, threaded over row blocks;
 /// writes every element of `a` (as long as `z`).
@@ -441,6 +519,60 @@ pub(crate) mod tests {
                     sx[j],
                     esx[j]
                 );
+            }
+        }
+    }
+
+    /// The column sums (the AVX-512 kernel where the CPU has it) are, bit for bit, the plain
+    /// per-value loop: f32 sums over each block of rows in row order, then f64, for channel counts
+    /// that leave masked tails (5, 24, 40, 100) and that do not (16, 96), and a partial last block.
+    #[test]
+    fn column_sums_are_the_plain_loop_bit_for_bit() {
+        for c in [5, 16, 24, 40, 96, 100] {
+            let rows = 2 * BLOCK + 7;
+            let (z, d) = (noise(rows * c, c as u64), noise(rows * c, 7 + c as u64));
+            let cols: Vec<Vec<f32>> = (0..4)
+                .map(|i| {
+                    noise(c, 100 + i)
+                        .iter()
+                        .map(|v| 1.5 * v + 0.5 * (i % 2) as f32 + 0.5)
+                        .collect()
+                })
+                .collect();
+            let (mean, invstd, gamma, beta) = (&cols[0], &cols[1], &cols[2], &cols[3]);
+            let p = Cols {
+                mean,
+                invstd,
+                gamma,
+                beta,
+            };
+            for mask in [false, true] {
+                let (mut s, mut sx) = (vec![0.5f64; c], vec![-0.25f64; c]);
+                masked_sums_add(&d, &z, c, p, mask, &mut s, &mut sx);
+                let (mut es, mut esx) = (vec![0.5f64; c], vec![-0.25f64; c]);
+                for r0 in (0..rows).step_by(BLOCK) {
+                    let (mut ps, mut psx) = (vec![0f32; c], vec![0f32; c]);
+                    for r in r0..(r0 + BLOCK).min(rows) {
+                        for j in 0..c {
+                            let i = r * c + j;
+                            let xh = (z[i] - mean[j]) * invstd[j];
+                            let y = gamma[j] * xh + beta[j];
+                            let v = if !mask || (y > 0.0 && y < 6.0) {
+                                d[i]
+                            } else {
+                                0.0
+                            };
+                            ps[j] += v;
+                            psx[j] += v * xh;
+                        }
+                    }
+                    for j in 0..c {
+                        es[j] += ps[j] as f64;
+                        esx[j] += psx[j] as f64;
+                    }
+                }
+                assert_eq!(s, es, "sums, {c} channels, mask {mask}");
+                assert_eq!(sx, esx, "dots, {c} channels, mask {mask}");
             }
         }
     }
