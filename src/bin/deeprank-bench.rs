@@ -399,11 +399,13 @@ fn run(cli: Cli) -> Result<()> {
             let paths = val_paths(&data)?;
             let secs = benchkit::time_latency(&paths, size, n)?;
             println!(
-                "RESULT deeprank_b1 size={size} images={} p50_ms={:.2} p99_ms={:.2} threads={}",
+                "RESULT deeprank_b1 size={size} images={} p50_ms={:.2} p99_ms={:.2} threads={} min_ms={:.2} p10_ms={:.2}",
                 secs.len(),
                 benchkit::quantile(&secs, 0.5) * 1e3,
                 benchkit::quantile(&secs, 0.99) * 1e3,
-                rayon::current_num_threads()
+                rayon::current_num_threads(),
+                benchkit::quantile(&secs, 0.0) * 1e3,
+                benchkit::quantile(&secs, 0.1) * 1e3,
             );
         }
         Cmd::Train {
