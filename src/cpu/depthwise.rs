@@ -24,8 +24,8 @@ pub struct DwArgs<'a> {
 }
 
 /// Depthwise convolution of one `[h][w][c]` image into `[ho][wo][c]` (padding k/2), with the CPU's
-/// widest vector instructions: on AVX-512 with 3×3 or 5×5 kernels and channels in sixteens, the
-/// register-blocked kernel of [`avx512`]; otherwise the portable one.
+/// widest vector instructions: with 3×3 or 5×5 kernels, the register-blocked kernel of [`wide`] on
+/// AVX-512 (channels in sixteens) or AVX2 + FMA (in eights); otherwise the portable one.
 pub fn depthwise(a: &DwArgs, out: &mut [f32]) {
     depthwise_rows(a, 0..out_rows(a), out)
 }
@@ -40,13 +40,18 @@ pub fn out_rows(a: &DwArgs) -> usize {
 pub fn depthwise_rows(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) {
     let rows = rows.start..rows.end.min(out_rows(a));
     #[cfg(target_arch = "x86_64")]
-    if a.c.is_multiple_of(16)
-        && (a.k == 3 || a.k == 5)
-        && std::arch::is_x86_feature_detected!("avx512f")
-    {
-        // SAFETY: the CPU has AVX-512F; the kernel reads and writes inside the slices (checked).
-        unsafe { avx512::depthwise(a, rows, out) };
-        return;
+    if a.k == 3 || a.k == 5 {
+        use std::arch::is_x86_feature_detected as has;
+        if a.c.is_multiple_of(16) && has!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the kernel reads and writes inside the slices (checked).
+            unsafe { wide::depthwise16(a, rows, out) };
+            return;
+        }
+        if a.c.is_multiple_of(8) && has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA; as above.
+            unsafe { wide::depthwise8(a, rows, out) };
+            return;
+        }
     }
     depthwise_rows_portable(a, rows, out)
 }
@@ -129,18 +134,32 @@ fn dw_generic<const FMA: bool>(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) 
     }
 }
 
-/// Depthwise forward for AVX-512: for one output row and one vector of 16 channels, the k×k weight
-/// vectors stay in registers while the row is swept four pixels at a time (four independent
-/// accumulators), so each tap costs one load and one fused multiply-add; the portable kernel reloads
-/// every weight for every pixel. Border pixels take the same taps through a bounds-checked loop.
+/// Depthwise forward in vectors of [`Simd::LANES`] channels (AVX-512's 16 or AVX2's 8): for one
+/// output row and one vector of channels, the k×k weight vectors are loaded once (in registers on
+/// AVX-512; AVX2's 16 registers hold a 3×3 kernel's) while the row is swept four pixels at a time
+/// (four independent accumulators), so each tap costs one load and one fused multiply-add; the
+/// portable kernel reloads every weight for every pixel. Border pixels take the same taps through
+/// a bounds-checked loop.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod wide {
     use super::DwArgs;
-    use std::arch::x86_64::*;
+    use crate::cpu::simd::{F32x8, F32x16, Simd};
     use std::ops::Range;
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn depthwise(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn depthwise16(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
+        // SAFETY: the CPU has AVX-512F (the caller's promise).
+        unsafe { depthwise::<F32x16>(a, oy, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn depthwise8(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
+        // SAFETY: the CPU has AVX2 and FMA (the caller's promise).
+        unsafe { depthwise::<F32x8>(a, oy, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn depthwise<V: Simd>(a: &DwArgs, oy: Range<usize>, out: &mut [f32]) {
         let wo = (a.w + 2 * (a.k / 2) - a.k) / a.stride + 1;
         assert!(out.len() >= oy.len() * wo * a.c);
         if !oy.is_empty() {
@@ -154,17 +173,17 @@ mod avx512 {
         // SAFETY (all calls): as asserted, every pixel and tap index stays inside the slices.
         unsafe {
             match (a.k, a.stride) {
-                (3, 1) => rows::<3, 1>(a, out, oy.clone(), wo),
-                (3, 2) => rows::<3, 2>(a, out, oy.clone(), wo),
-                (5, 1) => rows::<5, 1>(a, out, oy.clone(), wo),
-                (5, 2) => rows::<5, 2>(a, out, oy.clone(), wo),
+                (3, 1) => rows::<V, 3, 1>(a, out, oy.clone(), wo),
+                (3, 2) => rows::<V, 3, 2>(a, out, oy.clone(), wo),
+                (5, 1) => rows::<V, 5, 1>(a, out, oy.clone(), wo),
+                (5, 2) => rows::<V, 5, 2>(a, out, oy.clone(), wo),
                 _ => unreachable!("dispatched for k 3 or 5 only"),
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn rows<const K: usize, const S: usize>(
+    unsafe fn rows<V: Simd, const K: usize, const S: usize>(
         a: &DwArgs,
         out: &mut [f32],
         rows: Range<usize>,
@@ -179,7 +198,7 @@ mod avx512 {
             0
         };
         unsafe {
-            let zero = _mm512_setzero_ps();
+            let zero = V::splat(0.0);
             let x = a.x.as_ptr();
             let o = out.as_mut_ptr();
             let r0 = rows.start;
@@ -187,12 +206,12 @@ mod avx512 {
                 let iy0 = (oy * S) as isize - p;
                 let lo = (-iy0).max(0) as usize;
                 let hi = ((a.h as isize - iy0).min(K as isize)).max(0) as usize;
-                for c0 in (0..c).step_by(16) {
+                for c0 in (0..c).step_by(V::LANES) {
                     let mut w = [zero; 25];
                     for (t, wv) in w.iter_mut().enumerate().take(K * K) {
-                        *wv = _mm512_loadu_ps(a.wt.as_ptr().add(t * c + c0));
+                        *wv = V::load(a.wt.as_ptr().add(t * c + c0));
                     }
-                    let bias = _mm512_loadu_ps(a.bias.as_ptr().add(c0));
+                    let bias = V::load(a.bias.as_ptr().add(c0));
                     let row = Row {
                         a,
                         oy,
@@ -208,7 +227,7 @@ mod avx512 {
                     // inside the image, then the rest (right border) in groups of up to four.
                     let mut ox = first.min(wo);
                     if ox > 0 {
-                        group::<K, S>(&row, &w, 0, ox, o);
+                        group::<V, K, S>(&row, &w, 0, ox, o);
                     }
                     while ox + 4 <= last {
                         let mut acc = [bias; 4];
@@ -222,20 +241,20 @@ mod avx512 {
                                 let wv = w[ky * K + kx];
                                 for (j, av) in acc.iter_mut().enumerate() {
                                     let ix = ((ox + j) * S) as isize - p + kx as isize;
-                                    let xv = _mm512_loadu_ps(xrow.add(ix as usize * c));
-                                    *av = _mm512_fmadd_ps(xv, wv, *av);
+                                    let xv = V::load(xrow.add(ix as usize * c));
+                                    *av = V::fmadd(xv, wv, *av);
                                 }
                             }
                         }
                         for (j, av) in acc.iter().enumerate() {
                             let at = (oy - r0) * wo + ox + j;
-                            _mm512_storeu_ps(o.add(at * c + c0), fin(a.relu6, *av));
+                            fin(a.relu6, *av).store(o.add(at * c + c0));
                         }
                         ox += 4;
                     }
                     while ox < wo {
                         let live = (wo - ox).min(4);
-                        group::<K, S>(&row, &w, ox, live, o);
+                        group::<V, K, S>(&row, &w, ox, live, o);
                         ox += live;
                     }
                 }
@@ -244,7 +263,7 @@ mod avx512 {
     }
 
     /// One output row's fixed parts for [`group`].
-    struct Row<'a, 'b> {
+    struct Row<'a, 'b, V> {
         a: &'a DwArgs<'b>,
         oy: usize,
         /// The first output row `o` holds.
@@ -254,14 +273,14 @@ mod avx512 {
         lo: usize,
         hi: usize,
         c0: usize,
-        bias: __m512,
+        bias: V,
     }
 
     #[inline(always)]
-    unsafe fn fin(relu6: bool, v: __m512) -> __m512 {
+    unsafe fn fin<V: Simd>(relu6: bool, v: V) -> V {
         if relu6 {
-            // SAFETY: only called from the AVX-512 kernel above.
-            unsafe { _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0)) }
+            // SAFETY: only called from the kernels above, on CPUs with V's instructions.
+            unsafe { V::min(V::max(v, V::splat(0.0)), V::splat(6.0)) }
         } else {
             v
         }
@@ -272,9 +291,9 @@ mod avx512 {
     /// interior loop's order. The pixels' sums are independent chains (a border pixel on its own
     /// would wait on one FMA after another: 5×5 maps of 7 or 14 columns are mostly border).
     #[inline(always)]
-    unsafe fn group<const K: usize, const S: usize>(
-        r: &Row,
-        w: &[__m512; 25],
+    unsafe fn group<V: Simd, const K: usize, const S: usize>(
+        r: &Row<V>,
+        w: &[V; 25],
         ox: usize,
         live: usize,
         o: *mut f32,
@@ -293,14 +312,14 @@ mod avx512 {
                         if ix < 0 || ix >= a.w as isize {
                             continue;
                         }
-                        let xv = _mm512_loadu_ps(xrow.add(ix as usize * c));
-                        *av = _mm512_fmadd_ps(xv, wv, *av);
+                        let xv = V::load(xrow.add(ix as usize * c));
+                        *av = V::fmadd(xv, wv, *av);
                     }
                 }
             }
             for (j, av) in acc.iter().enumerate().take(live) {
                 let at = (r.oy - r.r0) * r.wo + ox + j;
-                _mm512_storeu_ps(o.add(at * c + r.c0), fin(a.relu6, *av));
+                fin(a.relu6, *av).store(o.add(at * c + r.c0));
             }
         }
     }
@@ -310,7 +329,7 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// The dispatched kernel (AVX-512 where the CPU has it) against the portable one, for every
+    /// The dispatched kernel (AVX-512 or AVX2 where the CPU has it) against the portable one, for every
     /// kernel size and stride of the network, images from 1×1 to 13×9 and 5×14 (all border cases: fewer
     /// columns than taps, odd sides, rows without an interior), with and without ReLU6.
     #[test]
@@ -334,7 +353,7 @@ mod tests {
                     (13, 9),
                     (5, 14),
                 ] {
-                    for c in [16, 48] {
+                    for c in [8, 16, 24, 48] {
                         let x: Vec<f32> = (0..h * w * c).map(|_| rnd()).collect();
                         let wt: Vec<f32> = (0..k * k * c).map(|_| rnd()).collect();
                         let bias: Vec<f32> = (0..c).map(|_| rnd()).collect();

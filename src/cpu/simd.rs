@@ -50,3 +50,82 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// A vector of f32 lanes, what the kernels written once for AVX-512 and AVX2 (the depthwise
+/// forward) need of it. Every method is `#[inline(always)]` and unsafe: callable only inside a
+/// function compiled for the vector's instructions (`#[target_feature]`), into which it inlines.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Simd: Copy {
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// Loads `LANES` floats from `p` (any alignment).
+    unsafe fn load(p: *const f32) -> Self;
+    /// Stores the lanes to `p` (any alignment).
+    unsafe fn store(self, p: *mut f32);
+    /// Every lane `v`.
+    unsafe fn splat(v: f32) -> Self;
+    /// `a·b + c`, fused.
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    /// Lane-wise minimum, `b` when either is NaN.
+    unsafe fn min(a: Self, b: Self) -> Self;
+    /// Lane-wise maximum, `b` when either is NaN.
+    unsafe fn max(a: Self, b: Self) -> Self;
+}
+
+/// Defines a [`Simd`] vector type over an `std::arch` one and its intrinsics.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_type {
+    ($(#[$doc:meta])* $name:ident($raw:ident, $lanes:expr): $load:ident, $store:ident, $splat:ident,
+     $fmadd:ident, $min:ident, $max:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy)]
+        pub(crate) struct $name(std::arch::x86_64::$raw);
+
+        impl Simd for $name {
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                // SAFETY: the caller's (see the trait).
+                Self(unsafe { std::arch::x86_64::$load(p) })
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                // SAFETY: the caller's (see the trait).
+                unsafe { std::arch::x86_64::$store(p, self.0) }
+            }
+            #[inline(always)]
+            unsafe fn splat(v: f32) -> Self {
+                // SAFETY: the caller's (see the trait).
+                Self(unsafe { std::arch::x86_64::$splat(v) })
+            }
+            #[inline(always)]
+            unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+                // SAFETY: the caller's (see the trait).
+                Self(unsafe { std::arch::x86_64::$fmadd(a.0, b.0, c.0) })
+            }
+            #[inline(always)]
+            unsafe fn min(a: Self, b: Self) -> Self {
+                // SAFETY: the caller's (see the trait).
+                Self(unsafe { std::arch::x86_64::$min(a.0, b.0) })
+            }
+            #[inline(always)]
+            unsafe fn max(a: Self, b: Self) -> Self {
+                // SAFETY: the caller's (see the trait).
+                Self(unsafe { std::arch::x86_64::$max(a.0, b.0) })
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+simd_type!(
+    /// 16 lanes: AVX-512F.
+    F32x16(__m512, 16): _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+    _mm512_min_ps, _mm512_max_ps
+);
+#[cfg(target_arch = "x86_64")]
+simd_type!(
+    /// 8 lanes: AVX2 + FMA.
+    F32x8(__m256, 8): _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+    _mm256_min_ps, _mm256_max_ps
+);
