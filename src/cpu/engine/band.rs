@@ -12,24 +12,54 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 /// Bytes of expanded input rows a fused block's band aims at (see the module docs): a quarter of
-/// a core's L2, which also holds the band's depthwise output, the block's input and its weights.
-/// Blocks whose whole expansion fits run layer by layer. Chosen with `deeprank-bench layers`
-/// (bench/RESULTS.md §13): 128–1024 KB were within this machine's noise of each other.
-const BAND_BYTES: usize = 512 << 10;
+/// this CPU's L2 per core (Linux's sysfs; 2 MB where it cannot be read), within 128–512 KB. The
+/// L2 also holds the band's depthwise output, the block's input and its weights. Blocks whose
+/// whole expansion fits run layer by layer. On a 2 MB-L2 Xeon, 128–1024 KB were within noise of
+/// each other (`deeprank-bench layers`, bench/RESULTS.md §13); on a 512 KB-L2 Zen 3 core, 512 KB
+/// bands ran slower than no bands at all.
+fn band_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| (l2_bytes().unwrap_or(2 << 20) / 4).clamp(128 << 10, 512 << 10))
+}
+
+/// The L2 cache of CPU 0 as Linux reports it (`…/cache/index*/size` of the level-2 unified or data
+/// cache, e.g. "512K").
+fn l2_bytes() -> Option<usize> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    (0..8).find_map(|i| {
+        let idx = dir.join(format!("index{i}"));
+        let read = |f: &str| std::fs::read_to_string(idx.join(f)).ok();
+        if read("level")?.trim() != "2" || read("type")?.trim() == "Instruction" {
+            return None;
+        }
+        parse_size(read("size")?.trim())
+    })
+}
+
+/// "512K", "2048K", "1M" or a plain byte count, as sysfs writes cache sizes.
+fn parse_size(s: &str) -> Option<usize> {
+    let (num, unit) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().ok().map(|n| n * unit)
+}
 /// Fewer output rows per band than this and a block runs layer by layer: with one or two rows
 /// per band, the kernels' short calls (a few pixels each) cost more than the cache misses saved.
 const MIN_BAND: usize = 4;
 
 /// Output rows per band when `blk` (input side `h`) runs fused: as many as keep the expanded
-/// input rows they read within [`BAND_BYTES`]; None where the whole expansion fits it or the band
+/// input rows they read within [`band_bytes`]; None where the whole expansion fits it or the band
 /// would be under [`MIN_BAND`] rows (layer by layer then).
 pub(super) fn band_rows(blk: &Block, h: usize) -> Option<usize> {
     let (k, st, row) = (blk.dw.k, blk.dw.stride, h * blk.dw.c * 4);
     let ho = blk.dw.out_side(h);
-    if h * row <= BAND_BYTES {
+    let bytes = band_bytes();
+    if h * row <= bytes {
         return None;
     }
-    let fits = |b: usize| ((b - 1) * st + k) * row <= BAND_BYTES;
+    let fits = |b: usize| ((b - 1) * st + k) * row <= bytes;
     let band = (1..=ho).take_while(|&b| fits(b)).last()?;
     (band >= MIN_BAND.min(ho)).then_some(band)
 }
@@ -120,5 +150,22 @@ fn bands(
         let px = (oy1 - oy0) * ho;
         let o = &mut out[(oy0 - rows.start) * ho * co..(oy1 - rows.start) * ho * co];
         blk.project.run(d, px, o, epi);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_read_as_sysfs_writes_them() {
+        assert_eq!(parse_size("512K"), Some(512 << 10));
+        assert_eq!(parse_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size("K"), None);
+        assert_eq!(parse_size(""), None);
+        let b = band_bytes();
+        assert!((128 << 10..=512 << 10).contains(&b), "{b}");
     }
 }
