@@ -41,13 +41,12 @@ pub fn depthwise_rows(a: &DwArgs, rows: Range<usize>, out: &mut [f32]) {
     let rows = rows.start..rows.end.min(out_rows(a));
     #[cfg(target_arch = "x86_64")]
     if a.k == 3 || a.k == 5 {
-        use std::arch::is_x86_feature_detected as has;
-        if a.c.is_multiple_of(16) && has!("avx512f") {
+        if a.c.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the kernel reads and writes inside the slices (checked).
             unsafe { wide::depthwise16(a, rows, out) };
             return;
         }
-        if a.c.is_multiple_of(8) && has!("avx2") && has!("fma") {
+        if a.c.is_multiple_of(8) && crate::cpu::simd::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA; as above.
             unsafe { wide::depthwise8(a, rows, out) };
             return;

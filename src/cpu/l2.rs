@@ -16,8 +16,7 @@ pub fn l2_kernel() -> L2Fn {
             // SAFETY: the CPU has AVX-512F.
             return |a, b| unsafe { x86::l2_avx512(a, b) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::cpu::simd::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA.
             return |a, b| unsafe { x86::l2_avx2(a, b) };
         }

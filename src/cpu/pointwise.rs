@@ -13,6 +13,8 @@
 
 use crate::cpu::aligned::Aligned;
 use crate::cpu::gemm::matmul_acc;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::simd::has_avx2_fma;
 use std::ops::Range;
 
 /// Output channels per weight panel (two AVX-512 vectors).
@@ -71,19 +73,9 @@ impl Pointwise {
     /// `out[p]` for `pixels` rows of `cin` channels (`x`), `cout` channels per output row.
     pub fn run(&self, x: &[f32], pixels: usize, out: &mut [f32], epilogue: Epilogue) {
         assert!(x.len() >= pixels * self.cin && out.len() >= pixels * self.cout);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F; the slices hold what the kernel reads and writes
-            // (asserted above), and `packed`/`b` hold whole panels (built in `new`).
-            let panels = 0..self.cout.div_ceil(NR);
-            unsafe { avx512::run(self, x, pixels, out.as_mut_ptr(), epilogue, panels) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA; as above.
-            let panels = 0..self.cout.div_ceil(NR);
-            unsafe { avx2::run(self, x, pixels, out.as_mut_ptr(), epilogue, panels) };
+        if Self::splits_by_panels() {
+            // SAFETY: `out` holds pixels × cout floats (asserted), borrowed mutably for the call.
+            unsafe { self.run_panels(x, pixels, out.as_mut_ptr(), epilogue, 0..self.panels()) };
             return;
         }
         self.run_portable(x, pixels, out, epilogue);
@@ -147,12 +139,6 @@ impl Pointwise {
             out.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
         }
     }
-}
-
-/// Whether the CPU has AVX2 and FMA (the [`avx2`] kernel).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -32,9 +32,7 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has the features `v4` is compiled for.
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if $crate::cpu::simd::has_avx2_fma() {
                     // SAFETY: as above.
                     return unsafe { v3($($arg),*) };
                 }
@@ -50,6 +48,12 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Whether the CPU has AVX2 and FMA: the second tier of every hand-written kernel.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
 
 /// A vector of f32 lanes, what the kernels written once for AVX-512 and AVX2 (the depthwise
 /// forward) need of it. Every method is `#[inline(always)]` and unsafe: callable only inside a

@@ -45,6 +45,7 @@ fn parse_size(s: &str) -> Option<usize> {
     };
     num.parse::<usize>().ok().map(|n| n * unit)
 }
+
 /// Fewer output rows per band than this and a block runs layer by layer: with one or two rows
 /// per band, the kernels' short calls (a few pixels each) cost more than the cache misses saved.
 const MIN_BAND: usize = 4;
