@@ -103,11 +103,10 @@ pub fn time_latency(paths: &[PathBuf], size: u32, n: usize) -> Result<Vec<f64>> 
     let emb = crate::infer::embedder::Embedder::pretrained(None, size, true)?;
     let inputs = decoded(paths, size, n)?;
     for x in inputs.iter().cycle().take(10) {
-        emb.embed_batch(x.clone(), 1)?;
+        emb.embed_batch(x, 1)?;
     }
     let mut secs = Vec::with_capacity(inputs.len());
     for x in &inputs {
-        let x = x.clone();
         let t0 = Instant::now();
         emb.embed_batch(x, 1)?;
         secs.push(t0.elapsed().as_secs_f64());

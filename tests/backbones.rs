@@ -81,7 +81,7 @@ fn lite1_and_lite2_match_pytorch() {
                 .starts_with(&format!("efficientnet-{}:", b.name()))
         );
         let logits = emb.logits_batch(buf.clone(), n).unwrap();
-        let pooled = emb.embed_batch(buf, n).unwrap();
+        let pooled = emb.embed_batch(&buf, n).unwrap();
         for (i, c) in cases.iter().enumerate() {
             let want = floats(&c["logits"]);
             let got = &logits[i * 1000..(i + 1) * 1000];

@@ -437,3 +437,46 @@ fn non_utf8_file_names_are_embedded_and_served() {
         "{v}"
     );
 }
+
+/// A batch decoded into a reused buffer full of stale values (`decode_batch_into`, what `embed`'s
+/// stream does from its second batch on) equals each image loaded on its own, with a broken file
+/// in the middle left out and the images after it moved up over its slot.
+#[test]
+fn batch_decoded_into_a_reused_buffer_is_each_image_in_order() {
+    use deeprank::data::batch::{decode_batch, decode_batch_into};
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for i in 0..5u32 {
+        let p = dir.path().join(format!("{i}.png"));
+        if i == 2 {
+            std::fs::write(&p, b"not a png").unwrap();
+        } else {
+            picture(40 + 8 * i, 48).save(&p).unwrap();
+        }
+        paths.push(p);
+    }
+    let size = 32u32;
+    let per = 3 * 32 * 32;
+    let want: Vec<f32> = paths
+        .iter()
+        .filter_map(|p| {
+            let mut v = vec![0f32; per];
+            transform::load_tensor(p, size, &mut v).ok().map(|_| v)
+        })
+        .flatten()
+        .collect();
+    assert_eq!(want.len(), 4 * per);
+    for stale in [Vec::new(), vec![f32::NAN; 7 * per], vec![9.0; 2 * per + 5]] {
+        let (buf, ok, skipped) = decode_batch_into(&paths, size, stale);
+        assert_eq!(ok, [true, true, false, true, true]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].path, paths[2]);
+        assert_eq!(buf.len(), want.len());
+        assert!(
+            buf.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+    assert_eq!(decode_batch(&paths, size).0, want);
+}

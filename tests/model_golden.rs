@@ -110,7 +110,7 @@ fn engine_pooled_features_match_pytorch_at_224() {
     // And what the embedder runs in this build (the engine on the CPU), unnormalised.
     let got_embed = Embedder::pretrained(Some(&w), 224, false)
         .unwrap()
-        .embed_batch(buf, n)
+        .embed_batch(&buf, n)
         .unwrap();
     for (what, got) in [("engine", &got_engine), ("embedder", &got_embed)] {
         assert_eq!(got.len(), n * 1280, "{what}");

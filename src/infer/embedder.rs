@@ -220,14 +220,14 @@ impl Embedder {
     }
 
     /// Embeds a batch of `n` normalised CHW images; returns `n × dim` values.
-    pub fn embed_batch(&self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+    pub fn embed_batch(&self, batch: &[f32], n: usize) -> Result<Vec<f32>> {
         if n == 0 {
             return Ok(Vec::new());
         }
         let mut out = match &self.net {
             Net::Pretrained(_, fast) => match fast.as_ref() {
-                Fast::Engine(e) => e.pooled(&batch, n, self.size as usize),
-                Fast::Fused(f) => to_vec(f.pooled(self.input(batch, n)))?,
+                Fast::Engine(e) => e.pooled(batch, n, self.size as usize),
+                Fast::Fused(f) => to_vec(f.pooled(self.input(batch.to_vec(), n)))?,
             },
             // A trained network applies its own normalisation.
             Net::Trained(m, e) => {
@@ -256,7 +256,7 @@ impl Embedder {
     pub fn embed_files(&self, paths: &[PathBuf]) -> Result<PerFile> {
         let (buf, ok, skipped) = decode_batch(paths, self.size);
         let n = ok.iter().filter(|&&o| o).count();
-        let vecs = self.embed_batch(buf, n)?;
+        let vecs = self.embed_batch(&buf, n)?;
         let mut it = vecs.chunks_exact(self.dim);
         let out = ok
             .iter()

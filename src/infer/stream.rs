@@ -1,7 +1,7 @@
 //! Embedding many files: batches decoded in parallel, the next batch decoded while the network runs
 //! on the current one, vectors handed on in order.
 
-use crate::data::batch::decode_batch;
+use crate::data::batch::{decode_batch, decode_batch_into};
 use crate::data::skipped::Skipped;
 use crate::infer::embedder::Embedder;
 use crate::progress::progress;
@@ -23,15 +23,19 @@ pub fn embed_stream(
     let mut skipped = Vec::new();
     let mut pending = chunks.first().map(|c| decode_batch(c, emb.size));
     let mut base = 0;
+    // The batch before last's buffer: the next batch decodes into it (its pages stay mapped).
+    let mut spare = Vec::new();
     for (ci, chunk) in chunks.iter().enumerate() {
         let (buf, ok, sk) = pending.take().context("decoded batch")?;
         let n = ok.iter().filter(|&&o| o).count();
         let next = chunks.get(ci + 1);
+        let reuse = std::mem::take(&mut spare);
         let (vecs, next_dec) = rayon::join(
-            || emb.embed_batch(buf, n),
-            || next.map(|c| decode_batch(c, emb.size)),
+            || emb.embed_batch(&buf, n),
+            || next.map(|c| decode_batch_into(c, emb.size, reuse)),
         );
         pending = next_dec;
+        spare = buf;
         let vecs = vecs?;
         for s in &sk {
             pb.suspend(|| eprintln!("skipped {}: {}", s.path.display(), s.reason));

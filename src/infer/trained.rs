@@ -10,14 +10,14 @@ use burn::prelude::*;
 pub fn prefix_host(
     net: &EmbedNet,
     engine: Option<&Engine>,
-    batch: Vec<f32>,
+    batch: &[f32],
     n: usize,
     size: usize,
     level: usize,
     device: &Device,
 ) -> LevelInput {
     let Some(engine) = engine.filter(|_| level >= 1) else {
-        let x = Tensor::from_data(TensorData::new(batch, [n, 3, size, size]), device);
+        let x = Tensor::from_data(TensorData::new(batch.to_vec(), [n, 3, size, size]), device);
         return net.prefix(x, level);
     };
     let output = if level >= net.pooled_level() {
@@ -26,7 +26,7 @@ pub fn prefix_host(
         Output::Blocks(level)
     };
     let [c, h, w] = engine.output_shape(size, output);
-    let trunk = engine.run(&batch, n, size, output);
+    let trunk = engine.run(batch, n, size, output);
     let trunk = Tensor::from_data(TensorData::new(trunk, [n, c, h, w]), device);
     let (small4, small8) = net.small_inputs_host(batch, n, size, device);
     LevelInput {
@@ -40,7 +40,7 @@ pub fn prefix_host(
 pub fn embed_host(
     net: &EmbedNet,
     engine: Option<&Engine>,
-    batch: Vec<f32>,
+    batch: &[f32],
     n: usize,
     size: usize,
     device: &Device,

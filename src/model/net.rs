@@ -154,7 +154,7 @@ impl EmbedNet {
     /// [`EmbedNet::small_inputs`] of a host batch `[n][3][size][size]`.
     pub fn small_inputs_host(
         &self,
-        batch: Vec<f32>,
+        batch: &[f32],
         n: usize,
         size: usize,
         device: &Device,
@@ -163,7 +163,7 @@ impl EmbedNet {
             return (None, None);
         }
         self.small_inputs(&Tensor::from_data(
-            TensorData::new(batch, [n, 3, size, size]),
+            TensorData::new(batch.to_vec(), [n, 3, size, size]),
             device,
         ))
     }

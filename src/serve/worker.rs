@@ -82,7 +82,7 @@ pub(super) fn worker(
         for j in &jobs {
             buf.extend_from_slice(&j.input);
         }
-        match emb.embed_batch(buf, n) {
+        match emb.embed_batch(&buf, n) {
             Ok(vecs) => {
                 // The whole batch ranks against one generation (a store's searches send
                 // `Reply::Vector` and rank in the database).

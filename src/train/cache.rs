@@ -91,7 +91,7 @@ impl FeatureCache {
             let buf = pending.take().context("decoded batch")??;
             // Decode batch i+1 while the network runs on batch i.
             let (out, next) = rayon::join(
-                || prefix_host(&model, engine.as_ref(), buf, chunk.len(), s, level, &dev),
+                || prefix_host(&model, engine.as_ref(), &buf, chunk.len(), s, level, &dev),
                 || chunks.get(ci + 1).map(|c| load(c)),
             );
             pending = next;

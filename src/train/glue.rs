@@ -35,7 +35,7 @@ pub fn prefix(
 ) -> Result<(LevelInput, Pending)> {
     let backbone = Backbone::read(&model.backbone, level, train_bn)?;
     let (pooled, tape) = backbone.forward(&batch, n, size);
-    let small = model.small_inputs_host(batch, n, size, device);
+    let small = model.small_inputs_host(&batch, n, size, device);
     Ok(leaf(backbone, pooled, tape, n, small, device))
 }
 

@@ -40,7 +40,7 @@ fn embed_items(
             Some(c) => model.suffix(c.gather(&slots, &dev), level),
             None => {
                 let buf = load_batch(ds, &slots, cfg.size, &[], false)?;
-                embed_host(model, engine.as_ref(), buf, chunk.len(), s, &dev)
+                embed_host(model, engine.as_ref(), &buf, chunk.len(), s, &dev)
             }
         };
         out.extend(to_vec(e)?);
