@@ -15,7 +15,7 @@ use std::time::Instant;
 mod kernels;
 mod layers;
 mod pg;
-pub use kernels::{SHAPES as KERNEL_SHAPES, fma_peak, time_pointwise};
+pub use kernels::{SHAPES as KERNEL_SHAPES, fma_peak, time_pointwise, time_pointwise_cold};
 pub use layers::{LayerTimes, time_layers};
 pub use pg::{explain_query, local_insert, pg_insert, quantile, time_queries};
 

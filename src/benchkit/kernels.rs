@@ -1,5 +1,6 @@
-//! The inference 1×1 kernel alone, on warm caches (`deeprank-bench kernels`): GFLOP/s of
-//! [`Pointwise::run`] on Lite0's layer shapes, beside one core's FMA peak measured the same way.
+//! The inference 1×1 kernel alone (`deeprank-bench kernels`): GFLOP/s of [`Pointwise::run`] on
+//! Lite0's layer shapes, on warm caches and with the weights coming from L3, beside one core's FMA
+//! peak measured the same way.
 //! Run it with `--threads 1`; it uses the calling thread only.
 
 use crate::cpu::pointwise::{Epilogue, Pointwise};
@@ -23,8 +24,9 @@ pub const SHAPES: [(usize, usize, usize); 13] = [
     (256, 320, 1280),
 ];
 
-/// One core's peak of 512-bit fused multiply-adds, GFLOP/s (24 independent chains, about `gflop`
-/// GFLOP per round; the best of 3), or None without AVX-512.
+/// One core's peak of fused multiply-adds, GFLOP/s: 512-bit ones on AVX-512 (24 independent
+/// chains), else 256-bit ones on AVX2 + FMA (12); about `gflop` GFLOP per round, the best of 3;
+/// None without either.
 pub fn fma_peak(gflop: f64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -54,6 +56,39 @@ pub fn fma_peak(gflop: f64) -> Option<f64> {
             .fold(f64::MAX, f64::min);
         return Some((iters * 24 * 32) as f64 / best / 1e9);
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::simd::has_avx2_fma() {
+        // The AVX2 kernel's peak: 256-bit FMAs, 12 chains (two FMA pipes × 4 cycles latency
+        // need 8).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn chains(iters: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mut a = [_mm256_set1_ps(1.0); 12];
+            let (b, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            for _ in 0..iters {
+                for v in a.iter_mut() {
+                    *v = _mm256_fmadd_ps(*v, b, c);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds the 8 floats stored.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+            lanes.iter().sum()
+        }
+        let iters = ((gflop * 1e9 / (12.0 * 16.0)).ceil() as usize).max(1);
+        let best = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                std::hint::black_box(unsafe { chains(std::hint::black_box(iters)) });
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        return Some((iters * 12 * 16) as f64 / best / 1e9);
+    }
     None
 }
 
@@ -75,6 +110,41 @@ pub fn time_pointwise(shapes: &[(usize, usize, usize)], gflop: f64) -> Vec<f64> 
                 .map(|_| {
                     let t = Instant::now();
                     for _ in 0..reps {
+                        p.run(&x, px, &mut out, Epilogue::Relu6);
+                        std::hint::black_box(&out);
+                    }
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            (flops * reps) as f64 / best / 1e9
+        })
+        .collect()
+}
+
+/// As [`time_pointwise`], with the weights coming from L3 as in the network (where the other
+/// layers' weights evict a layer's from L2 between two images): the calls cycle through copies of
+/// the layer whose weights add up to about 8 MB.
+pub fn time_pointwise_cold(shapes: &[(usize, usize, usize)], gflop: f64) -> Vec<f64> {
+    shapes
+        .iter()
+        .map(|&(px, cin, cout)| {
+            let x: Vec<f32> = (0..px * cin).map(|i| (i % 97) as f32 * 0.01).collect();
+            let copies = (8 << 20) / (4 * cin * cout) + 1;
+            let layers: Vec<Pointwise> = (0..copies)
+                .map(|c| {
+                    let w: Vec<f32> = (0..cin * cout)
+                        .map(|i| ((i + c) % 89) as f32 * 0.01 - 0.4)
+                        .collect();
+                    Pointwise::new(w, vec![0.0; cout], cin, cout)
+                })
+                .collect();
+            let mut out = vec![0f32; px * cout];
+            let flops = 2 * px * cin * cout;
+            let reps = (gflop * 1e9 / flops as f64).ceil() as usize;
+            let best = (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    for p in layers.iter().cycle().take(reps) {
                         p.run(&x, px, &mut out, Epilogue::Relu6);
                         std::hint::black_box(&out);
                     }

@@ -130,8 +130,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// The inference 1×1 kernel alone on warm caches: GFLOP/s on Lite0's layer shapes beside one
-    /// core's FMA peak (run with --threads 1).
+    /// The inference 1×1 kernel alone: GFLOP/s on Lite0's layer shapes on warm caches and with
+    /// the weights coming from L3 (as between two images in the network), beside one core's FMA
+    /// peak (run with --threads 1).
     Kernels {
         /// GFLOP per timed round (each figure is the best of 3 rounds).
         #[arg(long, default_value_t = 4.0)]
@@ -387,12 +388,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kernels { gflop } => {
             match benchkit::fma_peak(gflop * 4.0) {
                 Some(g) => println!("RESULT fma_peak gflops={g:.1}"),
-                None => println!("RESULT fma_peak gflops=none (no AVX-512)"),
+                None => println!("RESULT fma_peak gflops=none (no AVX-512, no AVX2 + FMA)"),
             }
             let shapes = benchkit::KERNEL_SHAPES;
-            for (&(px, cin, cout), g) in shapes.iter().zip(benchkit::time_pointwise(&shapes, gflop))
-            {
-                println!("RESULT pointwise pixels={px} cin={cin} cout={cout} gflops={g:.1}");
+            let warm = benchkit::time_pointwise(&shapes, gflop);
+            let cold = benchkit::time_pointwise_cold(&shapes, gflop);
+            for ((&(px, cin, cout), g), c) in shapes.iter().zip(warm).zip(cold) {
+                println!(
+                    "RESULT pointwise pixels={px} cin={cin} cout={cout} gflops={g:.1} weights_from_l3_gflops={c:.1}"
+                );
             }
         }
         Cmd::Latency { data, size, n } => {
