@@ -281,18 +281,41 @@ mod avx2 {
                 let lanes = (cout - n0).min(16);
                 let wp = &pw.packed[panel * cin * NR + half * 16..(panel + 1) * cin * NR];
                 let bias = &pw.b[n0..n0 + 16];
+                // The next half-panel's weights (the other half of these rows' lines, or the
+                // next panel's), fetched while the first tile runs: between two images the other
+                // layers evict a layer's weights from L2, and a tile waiting on L3 for each row
+                // ran at half speed (`deeprank-bench kernels`, weights from L3).
+                let next = if half == 0 {
+                    panel * cin * NR + 16
+                } else {
+                    (panel + 1) * cin * NR
+                };
+                let next = pw.packed.get(next..).unwrap_or(&[]).as_ptr();
                 let mut p = 0;
+                if p + MR <= pixels {
+                    // SAFETY (all calls): rows p..p+R of x and out exist (asserted by the caller);
+                    // `next` is only prefetched (rows of the next half-panel, within `packed`).
+                    unsafe {
+                        tile::<MR, true>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
+                    };
+                    p += MR;
+                }
                 while p + MR <= pixels {
-                    // SAFETY (all calls): rows p..p+R of x and out exist (asserted by the caller).
-                    unsafe { tile::<MR>(x, cin, wp, bias, out, cout, p, n0, lanes, epilogue) };
+                    unsafe {
+                        tile::<MR, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
+                    };
                     p += MR;
                 }
                 while p + 4 <= pixels {
-                    unsafe { tile::<4>(x, cin, wp, bias, out, cout, p, n0, lanes, epilogue) };
+                    unsafe {
+                        tile::<4, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
+                    };
                     p += 4;
                 }
                 while p < pixels {
-                    unsafe { tile::<1>(x, cin, wp, bias, out, cout, p, n0, lanes, epilogue) };
+                    unsafe {
+                        tile::<1, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
+                    };
                     p += 1;
                 }
             }
@@ -311,10 +334,11 @@ mod avx2 {
     /// `wp` starts at the half-panel's first weight, rows of the panel `NR` apart.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const PREFETCH: bool>(
         x: &[f32],
         cin: usize,
         wp: &[f32],
+        next: *const f32,
         bias: &[f32],
         out: *mut f32,
         cout: usize,
@@ -330,6 +354,9 @@ mod avx2 {
             let xr = x.as_ptr().add(p * cin);
             let w = wp.as_ptr();
             for k in 0..cin {
+                if PREFETCH && !next.is_null() {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(k * NR) as *const i8);
+                }
                 let w0 = _mm256_loadu_ps(w.add(k * NR));
                 let w1 = _mm256_loadu_ps(w.add(k * NR + 8));
                 for (r, a) in acc.iter_mut().enumerate() {
