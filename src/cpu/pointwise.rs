@@ -253,14 +253,13 @@ mod avx512 {
 /// The AVX2 + FMA kernel (CPUs without AVX-512): the same packed panels, each as two halves of 16
 /// output channels (two 8-lane vectors), 6 pixels at a time (12 accumulators, which with two
 /// weight vectors and a broadcast fit the 16 registers), with the same epilogue in the same order.
+/// A half with at most 8 live channels (the last of 24 or 40) runs one vector wide, 12 pixels at
+/// a time, instead of multiplying a vector of padding.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Epilogue, NR, Pointwise};
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    /// Pixels per call of the widest tile.
-    const MR: usize = 6;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn run(
@@ -278,9 +277,6 @@ mod avx2 {
                 if n0 >= cout {
                     break;
                 }
-                let lanes = (cout - n0).min(16);
-                let wp = &pw.packed[panel * cin * NR + half * 16..(panel + 1) * cin * NR];
-                let bias = &pw.b[n0..n0 + 16];
                 // The next half-panel's weights (the other half of these rows' lines, or the
                 // next panel's), fetched while the first tile runs: between two images the other
                 // layers evict a layer's weights from L2, and a tile waiting on L3 for each row
@@ -290,35 +286,67 @@ mod avx2 {
                 } else {
                     (panel + 1) * cin * NR
                 };
-                let next = pw.packed.get(next..).unwrap_or(&[]).as_ptr();
-                let mut p = 0;
-                if p + MR <= pixels {
-                    // SAFETY (all calls): rows p..p+R of x and out exist (asserted by the caller);
-                    // `next` is only prefetched (rows of the next half-panel, within `packed`).
-                    unsafe {
-                        tile::<MR, true>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
-                    };
-                    p += MR;
-                }
-                while p + MR <= pixels {
-                    unsafe {
-                        tile::<MR, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
-                    };
-                    p += MR;
-                }
-                while p + 4 <= pixels {
-                    unsafe {
-                        tile::<4, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
-                    };
-                    p += 4;
-                }
-                while p < pixels {
-                    unsafe {
-                        tile::<1, false>(x, cin, wp, next, bias, out, cout, p, n0, lanes, epilogue)
-                    };
-                    p += 1;
+                let t = Half {
+                    x: x.as_ptr(),
+                    cin,
+                    w: pw.packed[panel * cin * NR + half * 16..].as_ptr(),
+                    next: pw.packed.get(next..).unwrap_or(&[]).as_ptr(),
+                    bias: pw.b[n0..n0 + 16].as_ptr(),
+                    out,
+                    cout,
+                    n0,
+                    lanes: (cout - n0).min(16),
+                    epilogue,
+                };
+                // SAFETY: rows 0..pixels of x and out exist (asserted by the caller), the half's
+                // weights and bias are within `packed` and `b`, `next` is only prefetched.
+                unsafe {
+                    if t.lanes > 8 {
+                        strip::<2, 6>(&t, pixels)
+                    } else {
+                        strip::<1, 12>(&t, pixels)
+                    }
                 }
             }
+        }
+    }
+
+    /// One half-panel's operands: 16 output channels from `n0`, `lanes` of them live; `w` is
+    /// its first weight, rows of the panel `NR` apart.
+    struct Half {
+        x: *const f32,
+        cin: usize,
+        w: *const f32,
+        next: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        cout: usize,
+        n0: usize,
+        lanes: usize,
+        epilogue: Epilogue,
+    }
+
+    /// Every pixel of one half-panel, `V` vectors wide: tiles of `M` pixels (the first also
+    /// prefetching the next half-panel), then of 4, then 1.
+    #[inline(always)]
+    unsafe fn strip<const V: usize, const M: usize>(t: &Half, pixels: usize) {
+        let mut p = 0;
+        // SAFETY (all calls): rows p..p+R < pixels, as the caller promises for 0..pixels.
+        if p + M <= pixels {
+            unsafe { tile::<M, V, true>(t, p) };
+            p += M;
+        }
+        while p + M <= pixels {
+            unsafe { tile::<M, V, false>(t, p) };
+            p += M;
+        }
+        while p + 4 <= pixels {
+            unsafe { tile::<4, V, false>(t, p) };
+            p += 4;
+        }
+        while p < pixels {
+            unsafe { tile::<1, V, false>(t, p) };
+            p += 1;
         }
     }
 
@@ -330,53 +358,45 @@ mod avx2 {
         unsafe { _mm256_setr_epi32(i(0), i(1), i(2), i(3), i(4), i(5), i(6), i(7)) }
     }
 
-    /// Pixels `p..p+R`, channels `n0..n0+lanes` (≤ 16): R × 16 accumulators over all of `cin`;
-    /// `wp` starts at the half-panel's first weight, rows of the panel `NR` apart.
-    #[allow(clippy::too_many_arguments)]
+    /// Pixels `p..p+R`, the half's first `8·V` channels: R × V accumulators over all of `cin`.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const PREFETCH: bool>(
-        x: &[f32],
-        cin: usize,
-        wp: &[f32],
-        next: *const f32,
-        bias: &[f32],
-        out: *mut f32,
-        cout: usize,
-        p: usize,
-        n0: usize,
-        lanes: usize,
-        epilogue: Epilogue,
-    ) {
+    unsafe fn tile<const R: usize, const V: usize, const PREFETCH: bool>(t: &Half, p: usize) {
         unsafe {
-            let b0 = _mm256_loadu_ps(bias.as_ptr());
-            let b1 = _mm256_loadu_ps(bias.as_ptr().add(8));
-            let mut acc = [[b0, b1]; R];
-            let xr = x.as_ptr().add(p * cin);
-            let w = wp.as_ptr();
-            for k in 0..cin {
-                if PREFETCH && !next.is_null() {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(k * NR) as *const i8);
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            for a in acc.iter_mut() {
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(t.bias.add(8 * j));
                 }
-                let w0 = _mm256_loadu_ps(w.add(k * NR));
-                let w1 = _mm256_loadu_ps(w.add(k * NR + 8));
+            }
+            let (cin, w) = (t.cin, t.w);
+            let xr = t.x.add(p * cin);
+            for k in 0..cin {
+                if PREFETCH && !t.next.is_null() {
+                    _mm_prefetch::<_MM_HINT_T0>(t.next.wrapping_add(k * NR) as *const i8);
+                }
+                let mut wk = [_mm256_setzero_ps(); V];
+                for (j, v) in wk.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(w.add(k * NR + 8 * j));
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xb = _mm256_broadcast_ss(&*xr.add(r * cin + k));
-                    a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
-                    a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
+                    for (a, w) in a.iter_mut().zip(&wk) {
+                        *a = _mm256_fmadd_ps(xb, *w, *a);
+                    }
                 }
             }
             let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
-            let live = [lanes.min(8), lanes.saturating_sub(8)];
+            let live = [t.lanes.min(8), t.lanes.saturating_sub(8)];
             let masks = live.map(mask);
             for (r, a) in acc.iter().enumerate() {
-                let o = out.add((p + r) * cout + n0);
+                let o = t.out.add((p + r) * t.cout + t.n0);
                 for (j, v) in a.iter().enumerate() {
                     let (o, live, m) = (o.add(8 * j), live[j], masks[j]);
                     if live == 0 {
                         continue;
                     }
                     let mut v = *v;
-                    match epilogue {
+                    match t.epilogue {
                         Epilogue::Plain => {}
                         Epilogue::Relu6 => v = _mm256_min_ps(_mm256_max_ps(v, zero), six),
                         Epilogue::Accumulate if live == 8 => {
@@ -406,8 +426,9 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
     }
 
-    /// The packed kernel against a plain triple loop, on every remainder of pixels (12, 4, 1) and
-    /// of channels (full panels, 16 + partial, under 16, 8 + partial), with each epilogue.
+    /// The packed kernel against a plain triple loop, on every remainder of pixels (12, 6, 4, 1)
+    /// and of channels (full panels, 16 + partial, under 16, 8 + partial, 8 or fewer in a
+    /// half), with each epilogue.
     #[test]
     fn packed_kernel_equals_the_plain_product() {
         let mut seed = 7;
@@ -415,6 +436,7 @@ mod tests {
             (37, 16, 96),
             (17, 24, 40),
             (13, 96, 24),
+            (29, 40, 24),
             (1, 5, 7),
             (9, 8, 45),
             (64, 320, 1280),
