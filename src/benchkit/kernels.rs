@@ -45,16 +45,8 @@ pub fn fma_peak(gflop: f64) -> Option<f64> {
                     .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)),
             )
         }
-        let iters = ((gflop * 1e9 / (24.0 * 32.0)).ceil() as usize).max(1);
-        let best = (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                // SAFETY: the CPU has AVX-512F (checked above).
-                std::hint::black_box(unsafe { chains(std::hint::black_box(iters)) });
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::MAX, f64::min);
-        return Some((iters * 24 * 32) as f64 / best / 1e9);
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return Some(peak(gflop, 24 * 32, |iters| unsafe { chains(iters) }));
     }
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::simd::has_avx2_fma() {
@@ -78,18 +70,32 @@ pub fn fma_peak(gflop: f64) -> Option<f64> {
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
             lanes.iter().sum()
         }
-        let iters = ((gflop * 1e9 / (12.0 * 16.0)).ceil() as usize).max(1);
-        let best = (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                std::hint::black_box(unsafe { chains(std::hint::black_box(iters)) });
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::MAX, f64::min);
-        return Some((iters * 12 * 16) as f64 / best / 1e9);
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return Some(peak(gflop, 12 * 16, |iters| unsafe { chains(iters) }));
     }
     None
+}
+
+/// GFLOP/s of `chains(iters)`, which does `flops_per_iter` per iteration: about `gflop` GFLOP per
+/// round, the best of 3.
+#[cfg(target_arch = "x86_64")]
+fn peak(gflop: f64, flops_per_iter: usize, chains: impl Fn(usize) -> f32) -> f64 {
+    let iters = ((gflop * 1e9 / flops_per_iter as f64).ceil() as usize).max(1);
+    let best = best_of_3(|| {
+        std::hint::black_box(chains(std::hint::black_box(iters)));
+    });
+    (iters * flops_per_iter) as f64 / best / 1e9
+}
+
+/// The least of 3 timings of `f`, in seconds.
+fn best_of_3(mut f: impl FnMut()) -> f64 {
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 /// GFLOP/s of [`Pointwise::run`] (ReLU6 epilogue) on each shape, the same input over and over
@@ -97,27 +103,7 @@ pub fn fma_peak(gflop: f64) -> Option<f64> {
 pub fn time_pointwise(shapes: &[(usize, usize, usize)], gflop: f64) -> Vec<f64> {
     shapes
         .iter()
-        .map(|&(px, cin, cout)| {
-            let x: Vec<f32> = (0..px * cin).map(|i| (i % 97) as f32 * 0.01).collect();
-            let w: Vec<f32> = (0..cin * cout)
-                .map(|i| (i % 89) as f32 * 0.01 - 0.4)
-                .collect();
-            let p = Pointwise::new(w, vec![0.0; cout], cin, cout);
-            let mut out = vec![0f32; px * cout];
-            let flops = 2 * px * cin * cout;
-            let reps = (gflop * 1e9 / flops as f64).ceil() as usize;
-            let best = (0..3)
-                .map(|_| {
-                    let t = Instant::now();
-                    for _ in 0..reps {
-                        p.run(&x, px, &mut out, Epilogue::Relu6);
-                        std::hint::black_box(&out);
-                    }
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::MAX, f64::min);
-            (flops * reps) as f64 / best / 1e9
-        })
+        .map(|&shape| time_shape(shape, 1, gflop))
         .collect()
 }
 
@@ -128,30 +114,30 @@ pub fn time_pointwise_cold(shapes: &[(usize, usize, usize)], gflop: f64) -> Vec<
     shapes
         .iter()
         .map(|&(px, cin, cout)| {
-            let x: Vec<f32> = (0..px * cin).map(|i| (i % 97) as f32 * 0.01).collect();
-            let copies = (8 << 20) / (4 * cin * cout) + 1;
-            let layers: Vec<Pointwise> = (0..copies)
-                .map(|c| {
-                    let w: Vec<f32> = (0..cin * cout)
-                        .map(|i| ((i + c) % 89) as f32 * 0.01 - 0.4)
-                        .collect();
-                    Pointwise::new(w, vec![0.0; cout], cin, cout)
-                })
-                .collect();
-            let mut out = vec![0f32; px * cout];
-            let flops = 2 * px * cin * cout;
-            let reps = (gflop * 1e9 / flops as f64).ceil() as usize;
-            let best = (0..3)
-                .map(|_| {
-                    let t = Instant::now();
-                    for p in layers.iter().cycle().take(reps) {
-                        p.run(&x, px, &mut out, Epilogue::Relu6);
-                        std::hint::black_box(&out);
-                    }
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::MAX, f64::min);
-            (flops * reps) as f64 / best / 1e9
+            time_shape((px, cin, cout), (8 << 20) / (4 * cin * cout) + 1, gflop)
         })
         .collect()
+}
+
+/// GFLOP/s of one shape, the calls cycling through `copies` layers of it (different weights).
+fn time_shape((px, cin, cout): (usize, usize, usize), copies: usize, gflop: f64) -> f64 {
+    let x: Vec<f32> = (0..px * cin).map(|i| (i % 97) as f32 * 0.01).collect();
+    let layers: Vec<Pointwise> = (0..copies)
+        .map(|c| {
+            let w: Vec<f32> = (0..cin * cout)
+                .map(|i| ((i + c) % 89) as f32 * 0.01 - 0.4)
+                .collect();
+            Pointwise::new(w, vec![0.0; cout], cin, cout)
+        })
+        .collect();
+    let mut out = vec![0f32; px * cout];
+    let flops = 2 * px * cin * cout;
+    let reps = (gflop * 1e9 / flops as f64).ceil() as usize;
+    let best = best_of_3(|| {
+        for p in layers.iter().cycle().take(reps) {
+            p.run(&x, px, &mut out, Epilogue::Relu6);
+            std::hint::black_box(&out);
+        }
+    });
+    (flops * reps) as f64 / best / 1e9
 }
