@@ -290,7 +290,11 @@ mod avx2 {
                     x: x.as_ptr(),
                     cin,
                     w: pw.packed[panel * cin * NR + half * 16..].as_ptr(),
-                    next: pw.packed.get(next..).unwrap_or(&[]).as_ptr(),
+                    // None after the layer's last half-panel.
+                    next: match pw.packed.get(next..) {
+                        Some(rest) if !rest.is_empty() => rest.as_ptr(),
+                        _ => std::ptr::null(),
+                    },
                     bias: pw.b[n0..n0 + 16].as_ptr(),
                     out,
                     cout,
@@ -317,6 +321,7 @@ mod avx2 {
         x: *const f32,
         cin: usize,
         w: *const f32,
+        /// The next half-panel's first weight, only ever prefetched; null after the last.
         next: *const f32,
         bias: *const f32,
         out: *mut f32,
