@@ -404,3 +404,57 @@ fn demo_runs_end_to_end() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("MAP@R"));
 }
+
+/// `embed_stream` (each step finishes one batch while it begins the next and decodes the one
+/// after) hands on every decoded image's vector once, in order, at its position, the same bits as
+/// the image embedded alone: batches of 12 (the engine's grouped tail, in two groups per batch)
+/// with a broken file in the second and a short last one, and batches of one.
+#[test]
+fn stream_hands_on_each_image_in_order_as_embedded_alone() {
+    use deeprank::infer::stream::embed_stream;
+    let emb = embedder(64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(common::sample().join("val/images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths.truncate(28);
+    let broken = dir.path().join("broken.jpg");
+    std::fs::write(&broken, b"not a jpeg").unwrap();
+    paths.insert(15, broken.clone());
+    let alone: Vec<Option<Vec<f32>>> = paths
+        .iter()
+        .map(|p| {
+            emb.embed_files(std::slice::from_ref(p))
+                .unwrap()
+                .0
+                .remove(0)
+        })
+        .collect();
+    assert!(alone[15].is_none() && alone.iter().filter(|v| v.is_some()).count() == 28);
+    for batch in [12, 1] {
+        let mut got = Vec::new();
+        let skipped = embed_stream(&emb, &paths, batch, "test", |i, v| {
+            got.push((i, v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(skipped.len(), 1, "batch {batch}");
+        assert_eq!(skipped[0].path, broken);
+        let want: Vec<(usize, Vec<f32>)> = alone
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.clone().map(|v| (i, v)))
+            .collect();
+        assert_eq!(got.len(), want.len(), "batch {batch}");
+        for ((gi, g), (wi, w)) in got.iter().zip(&want) {
+            assert_eq!(gi, wi, "batch {batch}");
+            let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "batch {batch}: image {gi} differs from itself embedded alone"
+            );
+        }
+    }
+}

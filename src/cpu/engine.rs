@@ -36,6 +36,7 @@ mod group;
 mod layers;
 
 use band::{band_rows, fused_block};
+pub use group::Begun;
 
 /// A 1×1 convolution with its BatchNorm folded in.
 fn pointwise(conv: &Conv2d, bn: &BatchNorm) -> Result<Pointwise> {

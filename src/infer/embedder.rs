@@ -1,7 +1,7 @@
 //! The embedder: the network that maps an image to a vector (the pretrained backbone's pooled
 //! features, or a trained run's embedding network), over deeprank's CPU engine or burn's device.
 
-use crate::cpu::engine::{Engine, cpu_engine};
+use crate::cpu::engine::{Begun as EngineBegun, Engine, cpu_engine};
 use crate::data::batch::decode_batch;
 use crate::data::skipped::Skipped;
 use crate::data::transform::{check_pretrained_size, check_size};
@@ -103,6 +103,14 @@ impl Fast {
             None => Fast::Fused(Box::new(FusedLite::new(m)?)),
         })
     }
+}
+
+/// A batch begun by [`Embedder::embed_begin`].
+pub enum Begun<'a> {
+    /// The pretrained network's front blocks on deeprank's engine.
+    Engine(&'a Engine, EngineBegun),
+    /// The whole batch (or its error).
+    Done(Result<Vec<f32>>),
 }
 
 /// The network behind an embedder.
@@ -221,26 +229,52 @@ impl Embedder {
 
     /// Embeds a batch of `n` normalised CHW images; returns `n × dim` values.
     pub fn embed_batch(&self, batch: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.embed_finish(self.embed_begin(batch, n))
+    }
+
+    /// The first part of [`Embedder::embed_batch`], which [`Embedder::embed_finish`] completes:
+    /// on deeprank's engine, the pretrained network's blocks before its grouped tail (a stream
+    /// runs the next batch's while this one's tail finishes); elsewhere the whole batch.
+    pub fn embed_begin(&self, batch: &[f32], n: usize) -> Begun<'_> {
         if n == 0 {
-            return Ok(Vec::new());
+            return Begun::Done(Ok(Vec::new()));
         }
-        let mut out = match &self.net {
+        let s = self.size as usize;
+        match &self.net {
             Net::Pretrained(_, fast) => match fast.as_ref() {
-                Fast::Engine(e) => e.pooled(batch, n, self.size as usize),
-                Fast::Fused(f) => to_vec(f.pooled(self.input(batch.to_vec(), n)))?,
+                Fast::Engine(e) => Begun::Engine(e, e.begin_pooled(batch, n, s)),
+                Fast::Fused(f) => Begun::Done(
+                    to_vec(f.pooled(self.input(batch.to_vec(), n))).map(|v| self.normalized(v)),
+                ),
             },
             // A trained network applies its own normalisation.
-            Net::Trained(m, e) => {
-                let s = self.size as usize;
-                return to_vec(embed_host(m, e.as_deref(), batch, n, s, &self.device));
-            }
-        };
+            Net::Trained(m, e) => Begun::Done(to_vec(embed_host(
+                m,
+                e.as_deref(),
+                batch,
+                n,
+                s,
+                &self.device,
+            ))),
+        }
+    }
+
+    /// The vectors of a batch begun by [`Embedder::embed_begin`]: `n × dim` values.
+    pub fn embed_finish(&self, b: Begun) -> Result<Vec<f32>> {
+        match b {
+            Begun::Done(v) => v,
+            Begun::Engine(e, b) => Ok(self.normalized(e.finish_pooled(b))),
+        }
+    }
+
+    /// `out` with each row L2-normalised when this embedder normalises.
+    fn normalized(&self, mut out: Vec<f32>) -> Vec<f32> {
         if self.normalize {
             for row in out.chunks_exact_mut(self.dim) {
                 l2_normalize(row);
             }
         }
-        Ok(out)
+        out
     }
 
     /// ImageNet logits (`n × 1000`) of a batch of `n` normalised CHW images.

@@ -95,9 +95,8 @@ impl Engine {
         self.head_pool(g, h, c, out, s, None, lap);
     }
 
-    /// A batch of `n` images with its tail in groups of `g`: first every image's blocks before
-    /// the tail, one image per task (so that the threads stay balanced), into one buffer; then
-    /// the tail, one group per task. Writes `n × 1280` pooled features to `out`.
+    /// A batch of `n` images with its tail in groups of `g`: [`Engine::fronts`], then
+    /// [`Engine::tails`]. Writes `n × 1280` pooled features to `out`.
     pub(super) fn grouped(
         &self,
         input: &[f32],
@@ -107,6 +106,20 @@ impl Engine {
         out: &mut [f32],
         clock: Option<&Mutex<Vec<f64>>>,
     ) {
+        let f = self.fronts(input, n, side, g, clock);
+        self.tails(&f, out, clock);
+    }
+
+    /// Every image's blocks before the tail, one image per task (so that the threads stay
+    /// balanced), into one buffer.
+    pub(super) fn fronts(
+        &self,
+        input: &[f32],
+        n: usize,
+        side: usize,
+        g: usize,
+        clock: Option<&Mutex<Vec<f64>>>,
+    ) -> Fronts {
         let from = self.tail_start(side);
         let [c, h, _] = self.output_shape(side, Output::BlocksNhwc(from));
         let per = h * h * c;
@@ -119,9 +132,25 @@ impl Engine {
                     m.copy_from_slice(&s.a[..per]);
                 })
             });
+        Fronts {
+            mid,
+            n,
+            g,
+            from,
+            h,
+            c,
+        }
+    }
+
+    /// The tail of a batch whose fronts have run, one group per task: `f.n × 1280` pooled
+    /// features into `out`.
+    pub(super) fn tails(&self, f: &Fronts, out: &mut [f32], clock: Option<&Mutex<Vec<f64>>>) {
+        let (from, g, h, c) = (f.from, f.g, f.h, f.c);
+        let per = h * h * c;
         let need = g * self.tail_len(from, h);
-        out.par_chunks_mut(g * self.head.cout)
-            .zip(mid.par_chunks(g * per))
+        out[..f.n * self.head.cout]
+            .par_chunks_mut(g * self.head.cout)
+            .zip(f.mid.par_chunks(g * per))
             .for_each(|(o, m)| {
                 TAIL.with(|t| {
                     let t = &mut *t.borrow_mut();
@@ -134,5 +163,54 @@ impl Engine {
                     });
                 })
             });
+    }
+}
+
+/// A batch whose blocks before the grouped tail have run: each image's activation `[h][h][c]`
+/// entering block `from`, back to back, and the images per tail group.
+pub(super) struct Fronts {
+    mid: Vec<f32>,
+    n: usize,
+    g: usize,
+    from: usize,
+    h: usize,
+    c: usize,
+}
+
+/// A batch's pooled features begun by [`Engine::begin_pooled`] and finished by
+/// [`Engine::finish_pooled`]: in a stream of batches, the next batch's front blocks run while
+/// this one's tail finishes, so neither half waits for the other's slowest task
+/// ([`crate::infer::stream`]).
+pub struct Begun(Stage);
+
+enum Stage {
+    Fronts(Fronts),
+    Done(Vec<f32>),
+}
+
+impl Engine {
+    /// The part of [`Engine::pooled`] for `n` images that does not need the previous batch to
+    /// be done: the blocks before the grouped tail; the whole network where the batch has no
+    /// grouped tail (a lone image, a side without small maps, grouping off).
+    pub fn begin_pooled(&self, input: &[f32], n: usize, side: usize) -> Begun {
+        let g = self.group_size(n, side, Output::Pooled, rayon::current_num_threads());
+        Begun(if g > 1 {
+            Stage::Fronts(self.fronts(input, n, side, g, None))
+        } else {
+            Stage::Done(self.pooled(input, n, side))
+        })
+    }
+
+    /// The rest of a begun batch: `n × 1280` pooled features, the same bits as
+    /// [`Engine::pooled`].
+    pub fn finish_pooled(&self, b: Begun) -> Vec<f32> {
+        match b.0 {
+            Stage::Done(v) => v,
+            Stage::Fronts(f) => {
+                let mut out = vec![0f32; f.n * self.head.cout];
+                self.tails(&f, &mut out, None);
+                out
+            }
+        }
     }
 }
