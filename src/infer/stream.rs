@@ -15,7 +15,7 @@ use std::path::PathBuf;
 /// engine, its grouped tail), begins the next ([`Embedder::embed_begin`]: its front blocks) and
 /// decodes the one after, all on the same pool: a thread done with its share of one batch takes
 /// work of the next instead of waiting for the other thread's last task (a tail group is 8
-/// images' late blocks). `embed` of the 2,000 mini val images on 2 threads used 1.76–1.81 CPUs at
+/// images' late blocks). `embed` of the 2,000 mini val images on 2 threads used 1.76–1.82 CPUs at
 /// 128 px with each batch run alone, 1.84–1.88 so.
 pub fn embed_stream(
     emb: &Embedder,
