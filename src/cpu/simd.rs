@@ -133,3 +133,31 @@ simd_type!(
     F32x8(__m256, 8): _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
     _mm256_min_ps, _mm256_max_ps
 );
+
+/// Lane-wise `a < b` as a bit mask (bit `i` for lane `i`), for the kernels that branch on rare
+/// lanes (exact search's top-k test).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait LessMask: Simd {
+    /// Bit `i` set where `a[i] < b[i]` (false where either is NaN).
+    unsafe fn lt_mask(a: Self, b: Self) -> u32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LessMask for F32x16 {
+    #[inline(always)]
+    unsafe fn lt_mask(a: Self, b: Self) -> u32 {
+        use std::arch::x86_64::{_CMP_LT_OQ, _mm512_cmp_ps_mask};
+        // SAFETY: the caller's (see the trait).
+        unsafe { _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a.0, b.0) as u32 }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LessMask for F32x8 {
+    #[inline(always)]
+    unsafe fn lt_mask(a: Self, b: Self) -> u32 {
+        use std::arch::x86_64::{_CMP_LT_OQ, _mm256_cmp_ps, _mm256_movemask_ps};
+        // SAFETY: the caller's (see the trait).
+        unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(a.0, b.0)) as u32 }
+    }
+}

@@ -3,6 +3,7 @@
 //! Queries are processed in blocks so each database row, once loaded, is compared with every query
 //! of the block while it sits in cache; blocks run in parallel; each query keeps a partial top-k.
 
+use crate::cpu::products;
 use rayon::prelude::*;
 
 /// One search result: database row and Euclidean distance.
@@ -48,10 +49,47 @@ impl TopK {
     }
 }
 
+/// Candidates of one query in [`fused`]: at least its `m` smallest values, pushed in any order at
+/// O(1) amortised (a sorted insert per push cost more than the products where the top-k changes
+/// often: small or clustered DBs, the first rows of every task): up to `2m` items are kept
+/// unsorted, and when full the `m` smallest stay and the largest of those becomes the bound.
+struct Reservoir {
+    m: usize,
+    items: Vec<(f32, usize)>,
+    bound: f32,
+}
+
+impl Reservoir {
+    fn new(m: usize) -> Self {
+        Self {
+            m,
+            items: Vec::with_capacity(2 * m),
+            bound: f32::INFINITY,
+        }
+    }
+
+    /// Adds `(d, i)` when `d` is below the bound; returns the bound.
+    #[inline]
+    fn push(&mut self, d: f32, i: usize) -> f32 {
+        if d < self.bound {
+            self.items.push((d, i));
+            if self.items.len() == 2 * self.m {
+                let m = self.m;
+                self.items
+                    .select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
+                self.items.truncate(m);
+                self.bound = self.items.iter().fold(f32::NEG_INFINITY, |b, x| b.max(x.0));
+            }
+        }
+        self.bound
+    }
+}
+
 pub(crate) use crate::cpu::l2::sq_l2;
 
 /// Below this many queries the search scans the DB directly, split across threads by DB rows;
-/// from it on, distances come from matrix products (‖x‖² − 2 q·x) over blocks of queries and rows.
+/// from it on, distances come from products (‖x‖² − 2 q·x) over blocks of queries and rows: the
+/// fused kernel of [`products`] where the CPU has it, else matrix products.
 const GEMM_MIN_QUERIES: usize = 8;
 /// Most queries per block of the matrix-product path (fewer when that leaves threads idle).
 const QUERY_BLOCK: usize = 512;
@@ -83,6 +121,8 @@ pub fn search(
     let nq = queries.len() / dim;
     if nq < GEMM_MIN_QUERIES {
         scan(db, dim, queries, k, skip)
+    } else if products::available() {
+        fused(db, dim, queries, k, skip)
     } else {
         blocked(db, dim, queries, k, skip)
     }
@@ -183,6 +223,91 @@ pub(crate) fn dot_block(
     }
 }
 
+/// Top-k candidates kept per query beyond `k`: they absorb the rounding of ‖q‖² + ‖x‖² − 2q·x and
+/// are re-ranked by exact distances, so results equal the direct computation's.
+fn extra(k: usize) -> usize {
+    if k == 0 { 0 } else { 8.max(k / 8) }
+}
+
+/// Most bytes of one block of queries: the block is what [`products::products_below`] packs and
+/// passes over every cache block of rows, so it stays in L2 (512 KB on the machines measured).
+const QUERY_BLOCK_BYTES: usize = 256 * 1024;
+/// Fewest DB rows per task of [`fused`].
+const MIN_RANGE: usize = 4096;
+/// Fewest queries per block of [`fused`] (two AVX-512 groups).
+const MIN_QUERY_BLOCK: usize = 32;
+/// Tasks of [`fused`] per thread, so that a core slowed by another tenant does not hold up the
+/// search: split first by queries (each block reads the whole DB, but starts no top-k afresh),
+/// then, where queries are too few for that, by DB rows.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Many queries, on CPUs with [`products`]' kernel: tasks are (block of queries, range of DB rows)
+/// pairs, claimed by the threads as they come (about 4 per thread, so a core slowed by another
+/// tenant does not hold up the search); each keeps a candidate top-k per query, and a query's
+/// candidates from all ranges are re-ranked by exact distances.
+fn fused(
+    db: &[f32],
+    dim: usize,
+    queries: &[f32],
+    k: usize,
+    skip: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Vec<Vec<Hit>> {
+    let nq = queries.len() / dim;
+    let n = db.len() / dim;
+    let xn = norms(db, dim);
+    let qn = norms(queries, dim);
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = threads * TASKS_PER_THREAD;
+    let qb_max = (QUERY_BLOCK_BYTES / (dim * 4)).clamp(MIN_QUERY_BLOCK, QUERY_BLOCK);
+    let qblocks = nq
+        .div_ceil(qb_max)
+        .max(tasks.min(nq.div_ceil(MIN_QUERY_BLOCK)));
+    let qb = nq.div_ceil(qblocks);
+    let qblocks = nq.div_ceil(qb);
+    let range = n.div_ceil(tasks.div_ceil(qblocks)).max(MIN_RANGE);
+    let ranges = n.div_ceil(range).max(1);
+    let parts: Vec<Vec<Reservoir>> = (0..qblocks * ranges)
+        .into_par_iter()
+        .map(|task| {
+            let (q0, r0) = ((task / ranges) * qb, (task % ranges) * range);
+            let (q1, r1) = ((q0 + qb).min(nq), (r0 + range).min(n));
+            let mut tops: Vec<Reservoir> = (q0..q1).map(|_| Reservoir::new(k + extra(k))).collect();
+            let mut bound = vec![f32::INFINITY; q1 - q0];
+            if k > 0 {
+                products::products_below(
+                    &queries[q0 * dim..q1 * dim],
+                    dim,
+                    &db[r0 * dim..r1 * dim],
+                    &xn[r0..r1],
+                    &mut bound,
+                    &mut |t, j, e| {
+                        let (q, i, qq) = (q0 + t, r0 + j, qn[q0 + t]);
+                        if skip(q, i) {
+                            tops[t].bound - qq
+                        } else {
+                            tops[t].push(e + qq, i) - qq
+                        }
+                    },
+                );
+            }
+            tops
+        })
+        .collect();
+    (0..nq)
+        .map(|q| {
+            let (qi, t) = (q / qb, q % qb);
+            let v = &queries[q * dim..(q + 1) * dim];
+            let mut exact = TopK::new(k);
+            for part in &parts[qi * ranges..(qi + 1) * ranges] {
+                for &(_, i) in &part[t].items {
+                    exact.push(sq_l2(v, &db[i * dim..(i + 1) * dim]), i);
+                }
+            }
+            finish(exact)
+        })
+        .collect()
+}
+
 /// Many queries: blocks of queries in parallel; per block, `q·x` for a block of rows by one
 /// matrix product, then `‖q‖² + ‖x‖² − 2 q·x` into each query's top-k.
 fn blocked(
@@ -205,10 +330,7 @@ fn blocked(
         .map(|&q0| {
             let q1 = (q0 + qb).min(nq);
             let m = q1 - q0;
-            // Candidates beyond k absorb the rounding of ‖q‖² + ‖x‖² − 2q·x; they are re-ranked by
-            // exact distances below, so results equal the direct computation's.
-            let extra = if k == 0 { 0 } else { 8.max(k / 8) };
-            let mut tops: Vec<TopK> = (q0..q1).map(|_| TopK::new(k + extra)).collect();
+            let mut tops: Vec<TopK> = (q0..q1).map(|_| TopK::new(k + extra(k))).collect();
             let mut dots = vec![0f32; m * DB_BLOCK];
             for r0 in (0..n).step_by(DB_BLOCK) {
                 let r1 = (r0 + DB_BLOCK).min(n);
@@ -327,7 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn scan_and_matrix_product_paths_agree_with_brute_force() {
+    fn scan_matrix_product_and_fused_paths_agree_with_brute_force() {
         let dim = 64;
         let n = 3000;
         let mut s = 7u32;
@@ -336,12 +458,64 @@ mod tests {
             (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
         let db: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+        let skip = |q: usize, i: usize| i == 3 * q;
         for nq in [1, 3, 8, 70] {
             let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
-            let got = search(&db, dim, &qs, 20, &|_, _| false);
+            let mut paths = vec![("search", search(&db, dim, &qs, 20, &skip))];
+            if nq >= GEMM_MIN_QUERIES {
+                paths.push(("matrix products", blocked(&db, dim, &qs, 20, &skip)));
+                if products::available() {
+                    paths.push(("fused kernel", fused(&db, dim, &qs, 20, &skip)));
+                }
+            }
+            for (path, got) in paths {
+                assert_eq!(got.len(), nq);
+                for (qi, hits) in got.iter().enumerate() {
+                    let q = &qs[qi * dim..(qi + 1) * dim];
+                    let mut want = brute(&db, dim, q, 21);
+                    want.retain(|&(_, i)| i != 3 * qi);
+                    want.truncate(20);
+                    check(
+                        &db,
+                        dim,
+                        q,
+                        hits,
+                        &want,
+                        &format!("{path}, {nq} queries, query {qi}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The fused path's tasks: queries split into blocks, and the DB into row ranges where
+    /// queries are few, each range's candidates re-ranked together (with skips in every range).
+    #[test]
+    fn fused_path_split_by_queries_and_rows_agrees_with_brute_force() {
+        if !products::available() {
+            return;
+        }
+        let (dim, n) = (16, 3 * MIN_RANGE + 5);
+        let mut s = 11u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let db: Vec<f32> = (0..n * dim).map(|_| rnd()).collect();
+        let skip = |q: usize, i: usize| i % MIN_RANGE == q % 7;
+        for nq in [8, 100] {
+            let qs: Vec<f32> = (0..nq * dim).map(|_| rnd()).collect();
+            let got = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap()
+                .install(|| fused(&db, dim, &qs, 15, &skip));
+            assert_eq!(got.len(), nq);
             for (qi, hits) in got.iter().enumerate() {
                 let q = &qs[qi * dim..(qi + 1) * dim];
-                let want = brute(&db, dim, q, 20);
+                let mut want = brute(&db, dim, q, 30);
+                want.retain(|&(_, i)| !skip(qi, i));
+                want.truncate(15);
                 check(
                     &db,
                     dim,
