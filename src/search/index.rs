@@ -223,6 +223,22 @@ pub(crate) fn dot_block(
     }
 }
 
+/// The top `k` of a query's candidate `rows` by exact distance (the matrix-product paths' last
+/// step: their products' rounding only chose the candidates).
+fn rerank(
+    q: &[f32],
+    db: &[f32],
+    dim: usize,
+    k: usize,
+    rows: impl Iterator<Item = usize>,
+) -> Vec<Hit> {
+    let mut exact = TopK::new(k);
+    for i in rows {
+        exact.push(sq_l2(q, &db[i * dim..(i + 1) * dim]), i);
+    }
+    finish(exact)
+}
+
 /// Top-k candidates kept per query beyond `k`: they absorb the rounding of ‖q‖² + ‖x‖² − 2q·x and
 /// are re-ranked by exact distances, so results equal the direct computation's.
 fn extra(k: usize) -> usize {
@@ -296,14 +312,10 @@ fn fused(
     (0..nq)
         .map(|q| {
             let (qi, t) = (q / qb, q % qb);
-            let v = &queries[q * dim..(q + 1) * dim];
-            let mut exact = TopK::new(k);
-            for part in &parts[qi * ranges..(qi + 1) * ranges] {
-                for &(_, i) in &part[t].items {
-                    exact.push(sq_l2(v, &db[i * dim..(i + 1) * dim]), i);
-                }
-            }
-            finish(exact)
+            let rows = parts[qi * ranges..(qi + 1) * ranges]
+                .iter()
+                .flat_map(|part| part[t].items.iter().map(|&(_, i)| i));
+            rerank(&queries[q * dim..(q + 1) * dim], db, dim, k, rows)
         })
         .collect()
 }
@@ -368,11 +380,7 @@ fn blocked(
                 .enumerate()
                 .map(|(t, top)| {
                     let q = &queries[(q0 + t) * dim..(q0 + t + 1) * dim];
-                    let mut exact = TopK::new(k);
-                    for (_, i) in top.items {
-                        exact.push(sq_l2(q, &db[i * dim..(i + 1) * dim]), i);
-                    }
-                    finish(exact)
+                    rerank(q, db, dim, k, top.items.into_iter().map(|(_, i)| i))
                 })
                 .collect()
         })
